@@ -1,0 +1,38 @@
+"""Triton kernels for minilora, installed as ``minilora.kernels``.
+
+Importing this package never imports triton: ``available()`` only looks for it, and
+``fused_lora_linear`` loads ``minilora.kernels.lora_linear`` (which imports triton and registers
+the torch.library ops) on first call. Kernels know tensors, never modules.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+__all__ = ["available", "fused_lora_linear"]
+
+
+@functools.cache  # asked on every CUDA forward; the answer cannot change within a process
+def available() -> bool:
+    """True when the fused kernels can run here.
+
+    That is: triton is installed and either a CUDA device is present or ``TRITON_INTERPRET=1``
+    (the CPU interpreter, for tests that call the kernels explicitly on CPU tensors).
+    ``minilora.ops.backend_for`` additionally requires x to be on CUDA before choosing them.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fused_lora_linear(x, weight, bias, A, B, scaling, dropout_p=0.0, training=False, **kwargs):
+    """See ``minilora.kernels.lora_linear.fused_lora_linear`` (loaded on first call)."""
+    from minilora.kernels.lora_linear import fused_lora_linear as impl
+
+    return impl(x, weight, bias, A, B, scaling, dropout_p, training, **kwargs)

@@ -1,0 +1,349 @@
+"""Several adapters on one model: switch, delete, combine, and one adapter per batch row.
+
+    set_adapter(model, "b")                    # b alone
+    set_adapter(model, ["a", "b"])             # a's and b's deltas add up
+    add_weighted_adapter(model, ["a", "b"], [0.7, 0.3], "ab", combination_type="cat")
+    with per_sample_adapters(model, ["a", "__base__", "b"]):
+        logits = model(input_ids)              # row 0 with a, row 1 without adapter, row 2 with b
+    delete_adapter(model, "ab")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from minilora.config import LoraConfig
+from minilora.inject import BASE_ADAPTER, _set_module, _unload, _walk, lora_layers, lora_state, update_trainable
+from minilora.layers import LoraAdapter, LoraConv, LoraLayer
+from minilora.modules_to_save import ModulesToSave
+
+__all__ = ["set_adapter", "delete_adapter", "add_weighted_adapter", "per_sample_adapters", "COMBINATIONS"]
+
+
+def _state(model: nn.Module, what: str):
+    state = lora_state(model)
+    if state is None or not state.configs:
+        raise ValueError(f"{what}: this model has no minilora adapters; call minilora.inject(model, ...) first")
+    return state
+
+
+def _check_known(state, names: Sequence[str], what: str) -> None:
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ValueError(f"{what}: unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
+
+
+def _merged_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
+    return [(name, list(layer.merged)) for name, layer in lora_layers(model) if layer.merged]
+
+
+def _apply_active(model: nn.Module, active: tuple[str, ...]) -> None:
+    for _, module in _walk(model):
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            module.set_active(active)
+    update_trainable(model)
+
+
+# ---------------------------------------------------------------- switching and deleting
+def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> nn.Module:
+    """Make ``name_or_names`` the active adapter(s); several add their deltas (as peft).
+
+    The active adapters' parameters become trainable (unless an active config has
+    ``inference_mode``), all others frozen. modules_to_save wrappers run the copy of the active
+    adapter that has one.
+
+    Raises:
+        ValueError: an unknown or empty name list; two active adapters with their own copy of the
+            same modules_to_save module (only one copy can run, as in peft); merged adapters
+            (their deltas sit in the weights whichever adapter is active: unmerge first; peft
+            unmerges silently).
+    """
+    state = _state(model, "set_adapter")
+    names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+    if not names:
+        raise ValueError("set_adapter: give at least one adapter name (to run the base model, use "
+                         "minilora.disable_adapters(model))")
+    _check_known(state, names, "set_adapter")
+    merged = _merged_layers(model)
+    if merged:
+        raise ValueError(f"set_adapter: adapters {merged[0][1]} are merged into {merged[0][0]!r}; "
+                         "call minilora.unmerge(model) before switching adapters")
+    _copy_owners(model, names, "set_adapter", "only one copy can run; activate one of them")
+    state.active = tuple(dict.fromkeys(names))
+    _apply_active(model, state.active)
+    return model
+
+
+def _copy_owners(model: nn.Module, names, caller: str, why: str) -> list[tuple[ModulesToSave, str]]:
+    """(wrapper, adapter) for each modules_to_save wrapper that one of ``names`` has a copy in;
+    raises when two of them have a copy of the same module."""
+    found = []
+    for name, wrapper in _walk(model):
+        if isinstance(wrapper, ModulesToSave):
+            owners = [a for a in names if a in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(f"{caller}: adapters {owners} each have their own copy of {name!r} "
+                                 f"(modules_to_save), {why}")
+            if owners:
+                found.append((wrapper, owners[0]))
+    return found
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove an adapter: its factors, its modules_to_save copies and its config.
+
+    A LoRA layer (or modules_to_save wrapper) left with no adapter is replaced by the plain base
+    module, so deleting every adapter gives back the model's original module tree and state-dict
+    keys (peft keeps empty LoRA layers in place). If the deleted adapter was active, the other
+    active ones stay; if none is left, the first remaining adapter becomes active (as peft).
+
+    Raises:
+        ValueError: unknown adapter, or the adapter is merged into the weights (unmerge first).
+    """
+    state = _state(model, "delete_adapter")
+    _check_known(state, [name], "delete_adapter")
+    merged = [layer_name for layer_name, names in _merged_layers(model) if name in names]
+    if merged:
+        raise ValueError(f"delete_adapter: adapter {name!r} is merged into {merged[0]!r} (and {len(merged) - 1} "
+                         f"other layers); call minilora.unmerge(model, {name!r}) first")
+    replaced = []
+    for module_name, module in list(_walk(model)):
+        if isinstance(module, LoraLayer) and name in module.adapters:
+            del module.adapters[name]
+            if not module.adapters:
+                replaced.append((module_name, module.restore_base()))
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            del module.modules_to_save[name]
+            if not module.modules_to_save:
+                replaced.append((module_name, module.original_module))
+    for module_name, module in replaced:
+        _set_module(model, module_name, module)
+    del state.configs[name]
+    if not state.configs:
+        _unload(model)  # nothing left to put back; drops the minilora state (and its hooks)
+        update_trainable(model)
+        return model
+    active = tuple(n for n in state.active if n != name) or (next(iter(state.configs)),)
+    state.active = active
+    _apply_active(model, active)
+    return model
+
+
+# ---------------------------------------------------------------- combining
+def _factors_2d(layer: LoraLayer, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B (out, r), A (r, in)) as matrices; a conv's A is flattened to (r, in * prod(kernel))."""
+    return adapter.lora_B.flatten(1), adapter.lora_A.flatten(1)
+
+
+def _combine_cat(sources, weights, rank):
+    # Exact: B' A' = sum_i B_i (w_i s_i A_i); ranks concatenate, zero rows/cols pad to `rank`.
+    B = torch.cat([b for b, _, _ in sources], dim=1)
+    A = torch.cat([w * s * a for (_, a, s), w in zip(sources, weights)], dim=0)
+    return B, A
+
+
+def _combine_linear(sources, weights, rank):
+    # peft's "linear": sqrt(|w s|) on each factor, the sign on A. Not the weighted sum of deltas
+    # (cross terms B_i A_j appear); same ranks required.
+    ranks = {a.shape[0] for _, a, _ in sources}
+    if len(ranks) > 1:
+        raise ValueError(f"combination_type='linear' needs equal ranks in every layer, got ranks {sorted(ranks)}; "
+                         "use 'cat' or 'svd'")
+    roots = [math.sqrt(abs(w * s)) for (_, _, s), w in zip(sources, weights)]
+    signs = [1.0 if w * s >= 0 else -1.0 for (_, _, s), w in zip(sources, weights)]
+    B = sum(root * b for root, (b, _, _) in zip(roots, sources))
+    A = sum(sign * root * a for sign, root, (_, a, _) in zip(signs, roots, sources))
+    return B, A
+
+
+def _combine_svd(sources, weights, rank, clamp=None):
+    # Truncated SVD of the weighted delta sum_i w_i s_i B_i A_i: the best rank-`rank` approximation.
+    delta = sum(w * s * (b @ a) for (b, a, s), w in zip(sources, weights))
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    B, A = U[:, :rank] * S[:rank], Vh[:rank]
+    if clamp is not None:
+        limit = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
+        B, A = B.clamp(-limit, limit), A.clamp(-limit, limit)
+    return B, A
+
+
+#: combination_type -> how the new factors are built (see each function).
+COMBINATIONS = {"cat": _combine_cat, "linear": _combine_linear, "svd": _combine_svd}
+
+
+def _config_rank(config: LoraConfig) -> int:
+    return max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r
+
+
+def _new_rank(configs: list[LoraConfig], combination_type: str, svd_rank: int | None) -> int:
+    ranks = [_config_rank(c) for c in configs]
+    if combination_type == "linear":
+        if len(set(ranks)) > 1:
+            raise ValueError(f"combination_type='linear' needs adapters of one rank, got {ranks}; use 'cat' or 'svd'")
+        return ranks[0]
+    if combination_type == "cat":
+        return sum(ranks)
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
+        raise ValueError(f"svd_rank={svd_rank!r} is invalid: a positive integer, or None for the largest source rank")
+    return svd_rank or max(ranks)
+
+
+def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None,
+                         svd_clamp: float | None = None) -> nn.Module:
+    """Add ``adapter_name`` = the weighted combination of existing adapters (inactive, as peft).
+
+    On every layer that carries any of ``adapters`` (a source absent from a layer contributes
+    nothing there), with s_i each source's scaling:
+
+    - ``"cat"``: B' = [B_1 ... B_n], A' = [w_1 s_1 A_1; ...]: exactly Σ w_i s_i B_i A_i; rank = Σ r_i.
+    - ``"linear"``: B' = Σ sqrt|w_i s_i| B_i, A' = Σ sign(w_i s_i) sqrt|w_i s_i| A_i (peft's
+      formula; an approximation with cross terms); ranks must be equal.
+    - ``"svd"``: the rank-``svd_rank`` truncated SVD of Σ w_i s_i B_i A_i (default: the largest
+      source rank); ``svd_clamp`` clamps the factors at that quantile, as peft.
+
+    With one source adapter, peft always uses "linear"; so does this. The new adapter has
+    r = lora_alpha = its rank (scaling 1, also with rsLoRA: peft keeps use_rslora and so scales
+    the combination by sqrt(r)), factors zero-padded to that rank, and targets exactly the
+    layers it was built on. A lora_bias combines exactly (Σ w_i s_i b_i; peft drops it). Each
+    modules_to_save module gets a copy of the one source adapter that trained it (peft gives a
+    fresh copy of the original module).
+
+    Raises:
+        ValueError: unknown adapters, an existing ``adapter_name``, weights not matching the
+            adapters or not finite, an unknown combination_type, unequal ranks for "linear",
+            two sources with their own copy of the same modules_to_save module (as peft),
+            a grouped conv (its B cannot hold concatenated ranks), mixed list/regex targets.
+    """
+    state = _state(model, "add_weighted_adapter")
+    adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+    weights = [weights] if isinstance(weights, (int, float)) else list(weights)
+    if not adapters:
+        raise ValueError("add_weighted_adapter: give at least one source adapter")
+    _check_known(state, adapters, "add_weighted_adapter")
+    if len(set(adapters)) != len(adapters):
+        raise ValueError(f"add_weighted_adapter: adapters {adapters} name one adapter twice")
+    if len(weights) != len(adapters) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                and math.isfinite(w) for w in weights):
+        raise ValueError(f"add_weighted_adapter: weights={weights} must be one finite number per adapter "
+                         f"({len(adapters)} adapters)")
+    if adapter_name in state.configs:
+        raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} exists; choose a new name")
+    if combination_type not in COMBINATIONS:
+        raise ValueError(f"add_weighted_adapter: combination_type={combination_type!r} is not supported; "
+                         f"choose one of {sorted(COMBINATIONS)}")
+    combination_type = "linear" if len(adapters) == 1 else combination_type
+    configs = [state.configs[a] for a in adapters]
+    rank = _new_rank(configs, combination_type, svd_rank)
+    if len({isinstance(c.target_modules, str) for c in configs}) > 1:
+        raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
+
+    # ---- plan: read everything, raise before changing anything
+    layers = [(name, layer) for name, layer in lora_layers(model) if any(a in layer.adapters for a in adapters)]
+    for name, layer in layers:
+        if isinstance(layer, LoraConv) and layer.base_layer.groups > 1:
+            raise ValueError(f"add_weighted_adapter: {name!r} is a grouped conv (groups={layer.base_layer.groups}); "
+                             "its B factor cannot hold a combined rank")
+    wrappers = _copy_owners(model, adapters, "add_weighted_adapter", "which cannot be combined (as in peft)")
+    combine = COMBINATIONS[combination_type]
+    extra = {"clamp": svd_clamp} if combination_type == "svd" else {}
+    results = []
+    with torch.no_grad():
+        for name, layer in layers:
+            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
+            sources = [(*_factors_2d(layer, layer.adapters[a]), layer.adapters[a].scaling) for a, _ in present]
+            dtype = torch.promote_types(sources[0][0].dtype, torch.float32)
+            sources = [(b.to(dtype), a.to(dtype), s) for b, a, s in sources]
+            B, A = combine(sources, [w for _, w in present], rank, **extra)
+            biases = [(layer.adapters[a].lora_bias, w * layer.adapters[a].scaling) for a, w in present
+                      if layer.adapters[a].lora_bias is not None]
+            bias = sum(c * b.to(dtype) for b, c in biases) if biases else None
+            results.append((name, layer, B, A, bias))
+
+    # ---- apply
+    first = configs[0]
+    targets = [name for name, _ in layers]
+    saves = sorted({m for c in configs for m in (c.modules_to_save or [])})
+    config = first.replace(r=rank, lora_alpha=rank, target_modules=targets, exclude_modules=None,
+                           layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
+                           use_rslora=False, bias="none", lora_bias=any(b is not None for *_, b in results),
+                           modules_to_save=saves or None)
+    for name, layer, B, A, bias in results:
+        adapter = layer.add_adapter(adapter_name, r=rank, alpha=rank, scaling=1.0, dropout=config.lora_dropout,
+                                    lora_bias=bias is not None, init=False)
+        with torch.no_grad():
+            adapter.lora_A.zero_()
+            adapter.lora_B.zero_()
+            adapter.lora_A.flatten(1)[: A.shape[0]].copy_(A)
+            adapter.lora_B.flatten(1)[:, : B.shape[1]].copy_(B)
+            if bias is not None:
+                adapter.lora_bias.copy_(bias)
+    memo: dict[int, object] = {}  # one memo: tied copies (embed_tokens / lm_head) stay tied
+    for wrapper, owner in wrappers:
+        wrapper.modules_to_save[adapter_name] = copy.deepcopy(wrapper.modules_to_save[owner], memo)
+    state.configs[adapter_name] = config
+    _apply_active(model, state.active)
+    return model
+
+
+# ---------------------------------------------------------------- one adapter per row
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+@contextlib.contextmanager
+def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+    """Inside the block, batch row i runs with adapter ``names[i]`` (``"__base__"``: none).
+
+    Every row gets what that adapter alone would give (mixed-batch serving). modules_to_save
+    modules run each adapter's copy on its rows and the original module on the others (also
+    for an adapter without a copy; peft raises KeyError there). The model's state comes back on
+    exit, also when the block raises.
+
+    Raises:
+        ValueError: unknown names; merged adapters (their deltas would reach every row); the
+            model in training mode (dropout and gradients per row are not supported); on a
+            forward call, a batch whose size is not ``len(names)``.
+    """
+    state = _state(model, "per_sample_adapters")
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("per_sample_adapters: give one adapter name per batch row")
+    _check_known(state, [n for n in names if n != BASE_ADAPTER], "per_sample_adapters")
+    merged = _merged_layers(model)
+    if merged:
+        raise ValueError(f"per_sample_adapters: adapters {merged[0][1]} are merged into {merged[0][0]!r}, so "
+                         "they would apply to every row; call minilora.unmerge(model) first")
+    if model.training:
+        raise ValueError("per_sample_adapters runs inference only; call model.eval() first")
+
+    def check_batch(module, args, kwargs):
+        if module.training:
+            raise ValueError("per_sample_adapters runs inference only; the model was put in training mode inside "
+                             "the block: call model.eval()")
+        first = _first_tensor(args, kwargs)
+        if first is not None and (first.dim() == 0 or first.shape[0] != len(names)):
+            found = "a scalar" if first.dim() == 0 else f"a batch of {first.shape[0]} rows"
+            raise ValueError(f"per_sample_adapters got {len(names)} adapter names but the model input is {found}; "
+                             "give exactly one name per row")
+
+    modules = [m for _, m in _walk(model) if isinstance(m, (LoraLayer, ModulesToSave))]
+    before = [m.row_adapters for m in modules]
+    handle = model.register_forward_pre_hook(check_batch, with_kwargs=True)
+    try:
+        for m in modules:
+            m.row_adapters = names
+        yield model
+    finally:
+        handle.remove()
+        for m, previous in zip(modules, before):
+            m.row_adapters = previous

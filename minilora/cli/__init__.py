@@ -1,0 +1,81 @@
+"""The ``minilora`` command line: ``demo``, ``merge``, ``inspect``, ``bench``.
+
+Imports nothing heavy at module level: ``minilora --help`` must be instant, so each subcommand
+imports transformers / matplotlib inside its ``run``. Every failure is reported as one line on
+stderr with a non-zero exit code; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "CliError"]
+
+#: exit codes: 1 for a failed command, 2 for a bad command line (argparse's convention).
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+#: subcommand -> module under minilora.cli defining ``add_arguments(parser)`` and ``run(args)``.
+_SUBCOMMANDS = {
+    "demo": "which modules should LoRA train? a real pretrained model, trained and compared",
+    "merge": "merge a peft-format adapter into a safetensors checkpoint folder, tensor by tensor",
+    "inspect": "list the modules LoRA can adapt and what a targets spec selects",
+    "bench": "where the benchmarks live and how to run them",
+}
+
+
+class CliError(Exception):
+    """A user-facing failure: its message is printed as is, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="minilora", description="LoRA for PyTorch, interchangeable with peft.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, help_ in _SUBCOMMANDS.items():
+        module = importlib.import_module(f"minilora.cli.{name}")  # light: each imports lazily
+        sub = subparsers.add_parser(name, help=help_, description=help_)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback on errors")
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    if isinstance(err, KeyError):  # str(KeyError('x')) is "'x'": say what it was
+        text = f"missing key {text}"
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 on success)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"minilora {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 -- the one place that turns errors into a message
+        if args.debug:
+            raise
+        kind = "" if isinstance(err, (CliError, ValueError, FileNotFoundError)) else f"{type(err).__name__}: "
+        print(f"minilora {args.command}: error: {kind}{_one_line(err)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,412 @@
+"""inject, find_targets, adapted_modules, unload: free functions over a model.
+
+``inject`` works in two steps so that a bad request never half-modifies a model: ``_plan`` reads
+the model and the config and raises on any problem; only then ``_apply`` swaps modules in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from minilora.config import LoraConfig
+from minilora.layers import (SUPPORTED_TYPES, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear,
+                             lora_layer_class)
+from minilora.matching import (closest_names, is_target, matches_name, pattern_key,
+                               unmatched_targets)
+from minilora.modules_to_save import ModulesToSave
+
+__all__ = ["inject", "find_targets", "adapted_modules", "lora_layers", "trainable_parameters",
+           "print_trainable_parameters", "unload", "LoraState", "lora_state", "update_trainable"]
+
+BASE_ADAPTER = "__base__"  # the reserved name for "no adapter" in mixed batches
+_SEQ_CLS_HEADS = ("classifier", "score")
+
+
+@dataclass
+class LoraState:
+    """What minilora remembers on an injected model (``model.minilora_state``)."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    input_grad_hook: Any = None  # handle of the hook from _require_input_grads, removed by unload
+
+
+def lora_state(model: nn.Module) -> LoraState | None:
+    return getattr(model, "minilora_state", None)
+
+
+# ---------------------------------------------------------------- walking the model
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) over the model, not descending into LoRA layers or ModulesToSave wrappers
+    (their internals are not the user's modules)."""
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        yield name, module
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            continue
+        children = [(f"{name}.{n}" if name else n, m) for n, m in module._modules.items() if m is not None]
+        stack.extend(reversed(children))
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(name, layer) for every LoRA layer in the model."""
+    return ((n, m) for n, m in _walk(model) if isinstance(m, LoraLayer))
+
+
+def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    return ((n, m) for n, m in _walk(model) if isinstance(m, ModulesToSave))
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _base_type(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
+# ---------------------------------------------------------------- planning
+@dataclass
+class _Target:
+    name: str
+    layer_cls: type[LoraLayer]
+    r: int
+    alpha: float
+
+
+@dataclass
+class _Plan:
+    targets: list[_Target]
+    save: list[str]                       # modules_to_save names, outermost only
+    ties: list[list[str]]                 # groups of save names sharing one weight
+    warnings: list[str]
+
+
+def _expand_all_linear(model: nn.Module, modules: list[tuple[str, nn.Module]],
+                       config: LoraConfig) -> list[str]:
+    """peft's "all-linear": every Linear/Conv1D by full name, minus the output embedding
+    (or, for sequence classification, the classifier head)."""
+    linear = [n for n, m in modules if lora_layer_class(_base_type(m)) in (LoraLinear, LoraConv1D)]
+    skip: set[str] = set()
+    out_emb = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if isinstance(out_emb, nn.Module):
+        skip.update(n for n, m in modules if m is out_emb or _base_type(m) is out_emb)
+    elif config.task_type == "SEQ_CLS":
+        skip.update(n for n, _ in modules if n in _SEQ_CLS_HEADS)
+    return [n for n in linear if n not in skip]
+
+
+def _closest_hint(target: str, names: list[str]) -> str:
+    close = closest_names(target, names)
+    return f"{target!r} (closest: {', '.join(close)})" if close else f"{target!r} (nothing similar)"
+
+
+def _modules_to_save(config: LoraConfig, names: list[str]) -> list[str]:
+    wanted = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":  # peft's sequence-classification model trains its head too
+        wanted += [h for h in _SEQ_CLS_HEADS if h in names and h not in wanted]
+    return wanted
+
+
+def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
+    state = lora_state(model)
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
+        raise ValueError(f"adapter_name={adapter_name!r} is invalid: use a non-empty name without dots, "
+                         f"other than {BASE_ADAPTER!r}")
+    if state and adapter_name in state.configs:
+        raise ValueError(f"an adapter named {adapter_name!r} is already injected into this model; "
+                         f"use another adapter_name (existing: {sorted(state.configs)}) or delete it first")
+    if state and config.bias != "none":
+        others = [n for n, c in state.configs.items() if c.bias != "none"]
+        if others:
+            raise ValueError(f"bias={config.bias!r} for adapter {adapter_name!r}, but adapter {others[0]!r} already "
+                             "trains biases; only one adapter may use a bias mode other than 'none' (as in peft)")
+    modules = list(_walk(model))
+    names = [n for n, _ in modules if n]
+    notes: list[str] = []
+
+    targets = config.target_modules
+    if targets is None:
+        raise ValueError("LoraConfig.target_modules is None: name the modules to adapt, e.g. "
+                         "targets=['q_proj', 'v_proj'], a regex string, or 'all-linear'")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = _expand_all_linear(model, modules, config)
+    save_names = _modules_to_save(config, names)
+    matching = config if save_names == (config.modules_to_save or []) else config.replace(modules_to_save=save_names)
+
+    chosen: list[_Target] = []
+    for name, module in modules:
+        if not name or not is_target(name, matching, targets):
+            continue
+        base = _base_type(module)
+        cls = lora_layer_class(base)
+        if cls is None:
+            raise ValueError(f"module {name!r} matches target_modules but is a {type(base).__name__}; "
+                             f"LoRA supports {SUPPORTED_TYPES}. Narrow target_modules to its linear sub-layers")
+        key_r = pattern_key(config.rank_pattern, name)
+        key_a = pattern_key(config.alpha_pattern, name)
+        r = config.rank_pattern[key_r] if key_r is not None else config.r
+        alpha = config.alpha_pattern[key_a] if key_a is not None else config.lora_alpha
+        if config.init_lora_weights in ("pissa", "olora") and cls not in (LoraLinear, LoraConv1D):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} needs linear layers, but target "
+                             f"{name!r} is a {type(base).__name__}")
+        if config.init_lora_weights in ("pissa", "olora") and r > min(base.weight.shape):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} takes r={r} principal directions of "
+                             f"{name!r}, whose weight {tuple(base.weight.shape)} has only {min(base.weight.shape)}; "
+                             "use a smaller r (or rank_pattern) for it")
+        if config.lora_bias and cls is LoraEmbedding:  # peft cannot load such an adapter
+            raise ValueError(f"lora_bias=True is not supported for embeddings (as in peft), but target {name!r} is "
+                             "an Embedding; exclude it or set lora_bias=False")
+        if config.lora_bias and getattr(base, "bias", None) is None:
+            notes.append(f"lora_bias=True on {name!r}, which has no bias: this adapter cannot be merged")
+        groups = getattr(base, "groups", 1)
+        if r % groups:
+            raise ValueError(f"target {name!r} is a conv with groups={groups}, and r={r} is not a multiple of it "
+                             "(B is a grouped 1x1 conv, as in peft); choose r divisible by groups or exclude it")
+        fan_hint = cls is LoraConv1D
+        if config.fan_in_fan_out != fan_hint and cls in (LoraLinear, LoraConv1D):
+            notes.append(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {name!r} "
+                         f"({type(base).__name__}); using fan_in_fan_out={fan_hint} for it")
+        chosen.append(_Target(name, cls, r, alpha))
+
+    if isinstance(config.target_modules, list):
+        missing = unmatched_targets(names, config.target_modules)
+        if missing and not chosen:
+            hints = "; ".join(_closest_hint(t, names) for t in missing)
+            raise ValueError(f"no module matches target_modules: {hints}")
+        if missing:
+            notes.append("target_modules entries matched no module and were skipped: "
+                         + "; ".join(_closest_hint(t, names) for t in missing))
+    if not chosen:
+        what = repr(config.target_modules)
+        linear = [n for n, m in modules if lora_layer_class(_base_type(m)) is not None][:5]
+        raise ValueError(f"target_modules={what} selects no module that LoRA can adapt (after exclude_modules, "
+                         f"modules_to_save and layers_to_transform); adaptable modules include {linear}")
+
+    save = _plan_modules_to_save(modules, names, save_names, config, chosen, notes)
+    ties = _tied_groups(modules, save, {t.name for t in chosen})
+    return _Plan(chosen, [n for group in ties for n in group if n not in save] + save, ties, notes)
+
+
+def _plan_modules_to_save(modules, names, save_names, config, chosen, notes) -> list[str]:
+    chosen_names = {t.name for t in chosen}
+    save: list[str] = []
+    for name, module in modules:
+        if not name or not matches_name(name, save_names) or any(name.startswith(s + ".") for s in save):
+            continue
+        if isinstance(module, LoraLayer) or name in chosen_names:
+            raise ValueError(f"module {name!r} is both a LoRA target and in modules_to_save; a module is either "
+                             "adapted with LoRA or trained in full, not both")
+        save.append(name)
+    user_missing = unmatched_targets(names, list(config.modules_to_save or []))
+    if user_missing:
+        notes.append("modules_to_save entries matched no module: "
+                     + "; ".join(_closest_hint(t, names) for t in user_missing))
+    return save
+
+
+def _tied_groups(modules, save: list[str], lora_names: set[str]) -> list[list[str]]:
+    """Groups of modules sharing their ``weight`` with a modules_to_save module (tied input and
+    output embeddings): they all get wrapped and share one trainable copy, so they stay tied."""
+    owners: dict[int, list[str]] = {}
+    for name, module in modules:
+        # A LoRA layer holds its base weight itself (base_layer keeps hyper-parameters only).
+        weight = getattr(module, "weight", None) if name else None
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    groups = []
+    for name in save:
+        module = dict(modules)[name]
+        weight = getattr(module.original_module if isinstance(module, ModulesToSave) else module, "weight", None)
+        group = owners.get(id(weight), [name]) if isinstance(weight, nn.Parameter) else [name]
+        if len(group) > 1 and group not in groups:
+            clash = [g for g in group if g in lora_names]
+            if clash:
+                raise ValueError(f"{clash[0]!r} shares its weight with {name!r} (tied embeddings) and cannot be a LoRA "
+                                 f"target while {name!r} is trained in full; drop one of them")
+            groups.append(group)
+    return groups
+
+
+# ---------------------------------------------------------------- applying
+def _resolve_config(config: LoraConfig | None, targets: Any, fields: dict[str, Any]) -> LoraConfig:
+    if config is not None and not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a minilora.LoraConfig, got {type(config).__name__}; "
+                        "build one with LoraConfig(...) or LoraConfig.from_dict(peft_config.to_dict())")
+    if targets is not None:
+        fields = {**fields, "target_modules": targets}
+    unknown = set(fields) - {f.name for f in dataclasses.fields(LoraConfig)}
+    if unknown:
+        raise TypeError(f"inject() got unknown LoraConfig fields {sorted(unknown)}")
+    return config.replace(**fields) if config is not None else LoraConfig(**fields)
+
+
+def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[str] | str | None = None,
+           adapter_name: str = "default", **fields: Any) -> nn.Module:
+    """Put LoRA on the modules ``config`` selects and wrap its ``modules_to_save``; in place.
+
+    ``inject(model, targets=["q_proj", "v_proj"], r=16)`` is shorthand for
+    ``inject(model, LoraConfig(target_modules=["q_proj", "v_proj"], r=16))``. The first adapter
+    becomes active; a further ``adapter_name`` is added inactive (see ``set_adapter``). Afterwards
+    only the active adapter's parameters, its modules_to_save copies and the biases its bias mode
+    names require grad.
+
+    Raises:
+        ValueError: nothing matches (with the closest existing names), a matched module has an
+            unsupported type, the adapter name exists, ... The model is untouched when it raises.
+
+    Returns:
+        The same model object.
+    """
+    config = _resolve_config(config, targets, fields)
+    plan = _plan(model, config, adapter_name)
+    for note in plan.warnings:
+        warnings.warn(note, stacklevel=2)
+
+    for target in plan.targets:
+        module = model.get_submodule(target.name)
+        layer = module if isinstance(module, LoraLayer) else target.layer_cls(module)
+        layer.add_adapter(adapter_name, r=target.r, alpha=target.alpha,
+                          scaling=config.scaling_for(target.r, target.alpha), dropout=config.lora_dropout,
+                          lora_bias=config.lora_bias, init=config.init_lora_weights)
+        if layer is not module:
+            _set_module(model, target.name, layer)
+    copies = {}
+    for name in plan.save:
+        module = model.get_submodule(name)
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        copies[name] = wrapper.add_copy(adapter_name)
+        if wrapper is not module:
+            _set_module(model, name, wrapper)
+    for group in plan.ties:
+        shared = copies[group[0]].weight
+        for name in group[1:]:
+            copies[name].weight = shared
+
+    state = lora_state(model)
+    if state is None:
+        state = LoraState()
+        model.minilora_state = state
+    state.configs[adapter_name] = config
+    if not state.active:
+        state.active = (adapter_name,)
+    for _, module in _walk(model):
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            module.set_active(state.active)
+    update_trainable(model)
+    _require_input_grads(model, state)
+    return model
+
+
+def _input_requires_grad(module: nn.Module, args: Any, output: Any) -> None:
+    # Reentrant checkpointing (torch.utils.checkpoint(use_reentrant=True)) only backpropagates
+    # into a block whose input requires grad; a frozen embedding's output does not, so the
+    # adapters inside every checkpointed block would silently get no gradient (peft #137).
+    # Under torch.compile it steps aside: requires_grad_ on an intermediate breaks the graph, and
+    # dynamo traces checkpointed blocks without needing the input to require grad.
+    if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) \
+            and output.is_floating_point() and not output.requires_grad \
+            and not torch.compiler.is_compiling():
+        output.requires_grad_(True)
+
+
+def _require_input_grads(model: nn.Module, state: LoraState) -> None:
+    """Hook the model's input embedding (``get_input_embeddings()``, as it is after this inject)
+    so its output requires grad in training. Numerically a no-op; costs the first block's input
+    gradient. Models without ``get_input_embeddings`` need ``minilora.training.require_input_grads``."""
+    if state.input_grad_hook is not None:
+        state.input_grad_hook.remove()
+        state.input_grad_hook = None
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = getter() if callable(getter) else None
+    except NotImplementedError:  # transformers models without input embeddings raise it
+        embedding = None
+    if isinstance(embedding, nn.Module):
+        state.input_grad_hook = embedding.register_forward_hook(_input_requires_grad)
+
+
+def update_trainable(model: nn.Module) -> None:
+    """Freeze everything, then let the active adapters' parameters (and their bias mode) train."""
+    state = lora_state(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if state is None:
+        return
+    active = [state.configs[n] for n in state.active]
+    if any(c.inference_mode for c in active):
+        return
+    for _, module in _walk(model):
+        if isinstance(module, LoraLayer):
+            for name in module.active:
+                module.adapters[name].requires_grad_(True)
+        elif isinstance(module, ModulesToSave):
+            for name in module.active:
+                module.modules_to_save[name].requires_grad_(True)
+    modes = {c.bias for c in active}
+    if "all" in modes:
+        for name, p in model.named_parameters():
+            if (name == "bias" or name.endswith(".bias")) and ".original_module." not in f".{name}":
+                p.requires_grad_(True)
+    if "lora_only" in modes:
+        for _, layer in lora_layers(model):  # only where an active adapter of this layer asks for it
+            if layer.bias is not None and any(state.configs[n].bias == "lora_only" for n in layer.active):
+                layer.bias.requires_grad_(True)
+
+
+def find_targets(model: nn.Module, config: LoraConfig | None = None, **fields: Any) -> list[str]:
+    """The module names ``inject`` would put LoRA on (a dry run; raises as inject would)."""
+    config = _resolve_config(config, fields.pop("targets", None), fields)
+    return [t.name for t in _plan(model, config, "__dry_run__").targets]
+
+
+def adapted_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that carry LoRA, in model order."""
+    return [n for n, _ in lora_layers(model)]
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print peft's line: ``trainable params: N || all params: M || trainable%: P``."""
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: plain base layers back, each modules_to_save wrapper
+    replaced by its active trained copy (as peft). Returns the model (same object)."""
+    return _unload(model)
+
+
+def _unload(model: nn.Module) -> nn.Module:
+    replaced = []
+    for name, module in list(_walk(model)):
+        if isinstance(module, LoraLayer):
+            replaced.append((name, module.restore_base()))
+        elif isinstance(module, ModulesToSave):
+            replaced.append((name, module.modules_to_save[module.active[0]] if module.active else module.original_module))
+    for name, module in replaced:
+        if name:
+            _set_module(model, name, module)
+    state = lora_state(model)
+    if state is not None:
+        if state.input_grad_hook is not None:
+            state.input_grad_hook.remove()
+        del model.minilora_state
+    return model

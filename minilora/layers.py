@@ -1,0 +1,448 @@
+"""LoRA layers: one small module per base-layer kind, the math in ``minilora.ops``.
+
+A LoRA layer replaces its base layer in the model and registers the base layer's parameters
+(``weight``, ``bias``) on itself under the same names, so the model's state-dict keys for the base
+weights do not move. Adapters live in ``self.adapters[name]`` (a :class:`LoraAdapter` each)::
+
+    model.layers.0.q_proj.weight                    the base weight, unchanged key
+    model.layers.0.q_proj.adapters.default.lora_A   (r, in)
+    model.layers.0.q_proj.adapters.default.lora_B   (out, r)
+
+Forward: ``y = base(x) + Σ_active s · B(A(dropout(x)))``; merged adapters are already in the
+weight and are skipped. The original base module is kept (unregistered) only for its
+hyper-parameters and to be put back by ``unload``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilora import ops
+
+__all__ = ["LoraAdapter", "LoraLayer", "LoraLinear", "LoraConv1D", "LoraEmbedding", "LoraConv",
+           "lora_layer_class", "SUPPORTED_TYPES"]
+
+SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's trainable factors and constants.
+
+    Shapes (r = rank): Linear/Conv1D A (r, in), B (out, r); Embedding A (r, num_embeddings),
+    B (dim, r); ConvNd A (r, in, *kernel), B (out, r // groups, 1, ...). ``lora_bias`` (out,) is
+    peft's bias on B, scaled like the rest of the branch.
+    """
+
+    def __init__(self, A_shape: tuple[int, ...], B_shape: tuple[int, ...], *, r: int, alpha: float,
+                 scaling: float, dropout: float, lora_bias: bool, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(A_shape, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(B_shape, dtype=dtype, device=device))
+        self.lora_bias = nn.Parameter(torch.zeros(B_shape[0], dtype=dtype, device=device)) if lora_bias else None
+        self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # As peft: adapters stay fp32 over a bf16/fp16 base (training stability); fp64 stays fp64.
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraLayer(nn.Module):
+    """Base class: bookkeeping shared by every kind; subclasses give the kind's math.
+
+    A subclass defines ``base_forward(x)``, ``branch(adapter, x)`` (the scaled LoRA term in the
+    adapter dtype), ``delta_weight(adapter)`` (fp32, the weight's shape) and ``factor_shapes(r)``.
+    """
+
+    #: whether A is the large factor initialised with kaiming/gaussian (False for Embedding).
+    init_on_A = True
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "base_layer", base)  # kept out of the module tree on purpose
+        self.weight = base.weight
+        self.register_parameter("bias", getattr(base, "bias", None))
+        # The tensors now live here only: a second reference from base_layer would keep the full
+        # weight alive on every rank after FSDP shards this layer. restore_base puts them back.
+        for tensor_name in ("weight", "bias"):
+            if tensor_name in base._parameters:
+                base._parameters[tensor_name] = None
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+        self.original_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # The weight this layer shared (tied embeddings) before merge gave it its own copy.
+        self.untied_from: nn.Parameter | None = None
+        self.untied_flag = False  # merge also set the model's config.tie_word_embeddings to False
+        self._live: tuple[str, ...] = ()  # active and not merged: what forward has to add
+        self.row_adapters: list[str] | None = None  # per-row adapter names (mixed batches)
+        # A new module starts in training mode; injecting into an eval model must not switch the
+        # LoRA dropout on (forward checks self.training).
+        self.train(base.training)
+
+    # ------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, *, r: int, alpha: float, scaling: float, dropout: float,
+                    lora_bias: bool, init: bool | str) -> LoraAdapter:
+        A_shape, B_shape = self.factor_shapes(r)
+        adapter = LoraAdapter(A_shape, B_shape, r=r, alpha=alpha, scaling=scaling, dropout=dropout,
+                              lora_bias=lora_bias, dtype=_adapter_dtype(self.weight),
+                              device=self.weight.device)
+        adapter.train(self.training)
+        self.adapters[name] = adapter
+        if not adapter.lora_A.is_meta:  # meta tensors hold no values: nothing to initialise
+            _INIT[init if isinstance(init, str) else bool(init)](self, adapter)
+        return adapter
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self.active = tuple(n for n in names if n in self.adapters)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._live = tuple(n for n in self.active if n not in self.merged)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                raise RuntimeError(f"adapters {self.merged} are merged into this layer's weight, so they "
+                                   "cannot be disabled; unmerge(model) first")
+            return self.base_forward(x)
+        if self.row_adapters is not None:
+            return self._forward_rows(x)
+        y = self.base_forward(x)
+        if not self._live:
+            return y
+        dtype = y.dtype
+        for name in self._live:
+            y = y + self.branch(self.adapters[name], x)
+        return y.to(dtype)
+
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixed batch: row i gets the adapter named ``row_adapters[i]`` ('__base__': none)."""
+        names = self.row_adapters
+        if x.dim() == 0 or x.shape[0] != len(names):
+            # Rows would silently get another row's adapter (e.g. a model that flattens the batch).
+            raise ValueError(f"per-row adapters: this layer got an input of shape {tuple(x.shape)}, but "
+                             f"{len(names)} row adapters were given; dim 0 must be the batch")
+        y = self.base_forward(x)
+        dtype, out = y.dtype, y
+        for name in dict.fromkeys(names):
+            if name not in self.adapters:
+                continue  # '__base__', or an adapter that does not touch this layer
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            delta = self.branch(self.adapters[name], x.index_select(0, rows))
+            out = out.to(torch.promote_types(out.dtype, delta.dtype))
+            out = out.index_add(0, rows, delta.to(out.dtype))
+        return out.to(dtype)
+
+    # ------------------------------------------------------------ merge
+    def merged_weights(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias with ``names`` added, computed in fp32, rounded once."""
+        weight, bias = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        for name in names:
+            adapter = self.adapters[name]
+            # W (bf16) + delta (fp32) computes in fp32 and rounds once: peft's in-place add does the same.
+            weight = (weight + self.delta_weight(adapter).to(weight.device)).to(self.weight.dtype)
+            if adapter.lora_bias is not None:
+                if bias is None:
+                    raise ValueError(f"cannot merge adapter {name!r}: it has a lora_bias but the base layer "
+                                     "has no bias to merge it into")
+                bias = (bias + adapter.scaling * adapter.lora_bias.detach()).to(self.bias.dtype)
+        return weight, bias
+
+    def merge(self, names: list[str], keep_original: bool = False) -> None:
+        names = [n for n in names if n not in self.merged]
+        if not names:
+            return
+        if keep_original and self.original_weights is None and self.merged:
+            raise ValueError(f"merge(keep_original=True) while {self.merged} are already merged without it: "
+                             "the original weight is gone; unmerge(model) first")
+        if keep_original and self.original_weights is None:
+            self.original_weights = (self.weight.detach().to("cpu", copy=True),
+                                     None if self.bias is None else self.bias.detach().to("cpu", copy=True))
+        weight, bias = self.merged_weights(names)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+        self.merged.extend(names)
+        self._refresh()
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        names = list(self.merged) if names is None else [n for n in self.merged if n in names]
+        if not names:
+            return
+        remaining = [n for n in self.merged if n not in names]
+        with torch.no_grad():
+            if self.original_weights is not None:
+                # Exact: rebuild from the kept original instead of subtracting rounded deltas.
+                weight, bias = self.original_weights
+                self.weight.copy_(weight)
+                if bias is not None:
+                    self.bias.copy_(bias)
+                self.merged = []
+                if remaining:
+                    self.merge(remaining)
+                else:
+                    self.original_weights = None
+            else:
+                for name in reversed(names):  # LIFO, as peft
+                    adapter = self.adapters[name]
+                    self.weight.copy_((self.weight - self.delta_weight(adapter).to(self.weight.device))
+                                      .to(self.weight.dtype))
+                    if adapter.lora_bias is not None:
+                        self.bias.copy_((self.bias - adapter.scaling * adapter.lora_bias).to(self.bias.dtype))
+                self.merged = remaining
+        self._refresh()
+
+    # ------------------------------------------------------------ unload
+    def restore_base(self) -> nn.Module:
+        """The plain base module, holding this layer's current weight and bias."""
+        base = self.base_layer
+        base.weight = self.weight
+        if self.bias is not None:
+            base.bias = self.bias
+        return base
+
+    def extra_repr(self) -> str:
+        return f"{type(self.base_layer).__name__}, active={list(self.active)}, merged={self.merged}"
+
+    # ------------------------------------------------------------ per kind
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def branch(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear``: x (..., in) -> (..., out); weight (out, in)."""
+
+    def factor_shapes(self, r):
+        out_features, in_features = self.weight.shape
+        return (r, in_features), (out_features, r)
+
+    def base_forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def branch(self, adapter, x):
+        return ops.lora_branch(x, adapter.lora_A, adapter.lora_B, adapter.scaling, adapter.dropout,
+                               self.training, adapter.lora_bias)
+
+    def forward(self, x):
+        # The hot path: one live adapter goes through ops.lora_linear (Triton kernels on CUDA).
+        if len(self._live) == 1 and not self.disabled and self.row_adapters is None:
+            adapter = self.adapters[self._live[0]]
+            if adapter.lora_bias is None:
+                return ops.lora_linear(x, self.weight, self.bias, adapter.lora_A, adapter.lora_B,
+                                       adapter.scaling, adapter.dropout, self.training)
+        return super().forward(x)
+
+    def delta_weight(self, adapter):
+        return adapter.scaling * (adapter.lora_B.float() @ adapter.lora_A.float())
+
+
+class LoraConv1D(LoraLinear):
+    """LoRA on transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
+
+    def factor_shapes(self, r):
+        in_features, out_features = self.weight.shape
+        return (r, in_features), (out_features, r)
+
+    def base_forward(self, x):
+        # Same op as Conv1D.forward, so results match the unwrapped layer bit for bit.
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.view(*x.shape[:-1], self.weight.shape[-1])
+
+    def forward(self, x):
+        return LoraLayer.forward(self, x)
+
+    def delta_weight(self, adapter):
+        return super().delta_weight(adapter).T  # fan_in_fan_out: stored transposed
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ids (...) -> (..., dim); A (r, num), B (dim, r).
+
+    As in peft and loralib, A starts at zero and B random, and dropout (on integer ids) is not
+    applied.
+    """
+
+    init_on_A = False
+
+    def factor_shapes(self, r):
+        num, dim = self.weight.shape
+        return (r, num), (dim, r)
+
+    def _embed(self, ids, table):
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
+
+    def base_forward(self, x):
+        return self._embed(x, self.weight)
+
+    def branch(self, adapter, x):
+        out = self._embed(x, adapter.lora_A.T) @ adapter.lora_B.T * adapter.scaling
+        return out if adapter.lora_bias is None else out + adapter.lora_bias * adapter.scaling
+
+    def delta_weight(self, adapter):
+        return adapter.scaling * (adapter.lora_B.float() @ adapter.lora_A.float()).T
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel, stride, padding, dilation
+    and padding mode (peft drops dilation and padding_mode and crashes); B is a 1x.. conv with the
+    base's groups. Weight (out, in // groups, *kernel)."""
+
+    def factor_shapes(self, r):
+        base = self.base_layer
+        if r % base.groups:
+            raise ValueError(f"rank r={r} must be divisible by the conv's groups={base.groups} "
+                             "(B is a grouped 1x1 conv, as in peft); choose r as a multiple of groups")
+        ones = (1,) * (self.weight.dim() - 2)
+        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r // base.groups, *ones)
+
+    def _conv(self, x, weight, bias, groups, full_geometry=True):
+        base = self.base_layer
+        conv = _CONV_FN[self.weight.dim() - 2]
+        if not full_geometry:  # the 1x1 B conv
+            return conv(x, weight, bias, 1, 0, 1, groups)
+        padding = base.padding
+        if base.padding_mode != "zeros":
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            padding = 0
+        return conv(x, weight, bias, base.stride, padding, base.dilation, groups)
+
+    def base_forward(self, x):
+        return self._conv(x, self.weight, self.bias, self.base_layer.groups)
+
+    def branch(self, adapter, x):
+        x = x.to(adapter.lora_A.dtype)
+        if adapter.dropout > 0.0 and self.training:
+            x = F.dropout(x, adapter.dropout, training=True)
+        hidden = self._conv(x, adapter.lora_A, None, 1)
+        return self._conv(hidden, adapter.lora_B, adapter.lora_bias, self.base_layer.groups,
+                          full_geometry=False) * adapter.scaling
+
+    def delta_weight(self, adapter):
+        groups = self.base_layer.groups
+        if groups > 1:
+            raise ValueError(f"LoRA on a grouped conv (groups={groups}) cannot be merged: A mixes channels "
+                             "across groups, which a grouped weight cannot hold. Use it unmerged")
+        B = adapter.lora_B.float().flatten(1)  # (out, r)
+        return adapter.scaling * torch.einsum("or,r...->o...", B, adapter.lora_A.float())
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+# ---------------------------------------------------------------- initialisation schemes
+def _zero_other(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    nn.init.zeros_(adapter.lora_B if layer.init_on_A else adapter.lora_A)
+
+
+def _init_kaiming(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    if layer.init_on_A:
+        nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+    else:
+        nn.init.normal_(adapter.lora_B)
+    _zero_other(layer, adapter)
+
+
+def _init_gaussian(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    if layer.init_on_A:
+        nn.init.normal_(adapter.lora_A, std=1 / adapter.r)
+    else:
+        nn.init.normal_(adapter.lora_B)
+    _zero_other(layer, adapter)
+
+
+def _init_random(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    # init_lora_weights=False: both factors random, so the adapter is not a no-op (for tests).
+    nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+    nn.init.kaiming_uniform_(adapter.lora_B, a=math.sqrt(5))
+
+
+def _base_matrix(layer: LoraLayer, scheme: str) -> torch.Tensor:
+    if not isinstance(layer, LoraLinear):
+        raise ValueError(f"init_lora_weights={scheme!r} needs a linear layer; this one wraps "
+                         f"{type(layer.base_layer).__name__}")
+    return layer.weight.detach().float()
+
+
+def _init_pissa(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    # Principal singular directions go into the adapter; the base keeps the residual.
+    weight = _base_matrix(layer, "pissa")
+    weight = weight.T if isinstance(layer, LoraConv1D) else weight  # (out, in)
+    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+    root = torch.sqrt(S[: adapter.r] / adapter.scaling)
+    A, B = root[:, None] * Vh[: adapter.r], U[:, : adapter.r] * root
+    _set_factors_and_residual(layer, adapter, A, B, weight, transpose=isinstance(layer, LoraConv1D))
+
+
+def _init_olora(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    # Orthonormal Q columns as B, R rows as A, from the (out, in) matrix. peft factors a Conv1D's
+    # stored (in, out) weight as is: shapes that crash in forward, or (square) a wrong residual.
+    weight = _base_matrix(layer, "olora")
+    transpose = isinstance(layer, LoraConv1D)
+    weight = weight.T if transpose else weight  # (out, in)
+    Q, R = torch.linalg.qr(weight)
+    A, B = R[: adapter.r], Q[:, : adapter.r]
+    if A.shape != adapter.lora_A.shape or B.shape != adapter.lora_B.shape:
+        raise ValueError(f"init_lora_weights='olora' cannot initialise a {type(layer.base_layer).__name__} "
+                         f"of weight shape {tuple(layer.weight.shape)} with r={adapter.r}")
+    _set_factors_and_residual(layer, adapter, A, B, weight, transpose=transpose)
+
+
+def _set_factors_and_residual(layer, adapter, A, B, weight, transpose):
+    with torch.no_grad():
+        adapter.lora_A.copy_(A)
+        adapter.lora_B.copy_(B)
+        residual = weight - adapter.scaling * B @ A
+        layer.weight.copy_(residual.T if transpose else residual)
+
+
+_INIT: dict[bool | str, Callable[[LoraLayer, LoraAdapter], None]] = {
+    True: _init_kaiming, "gaussian": _init_gaussian, False: _init_random,
+    "pissa": _init_pissa, "olora": _init_olora,
+}
+
+
+# ---------------------------------------------------------------- which layer for which module
+def _conv1d_type() -> type | None:
+    # A model holding a Conv1D has imported transformers already; never import it just to look.
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None)
+
+
+def lora_layer_class(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA layer class for a base module, or None when its type is not supported."""
+    conv1d = _conv1d_type()
+    table: list[tuple[type | tuple[type, ...], type[LoraLayer]]] = [
+        (nn.Linear, LoraLinear), (nn.Embedding, LoraEmbedding),
+        ((nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv),
+    ]
+    if conv1d is not None:
+        table.append((conv1d, LoraConv1D))
+    for types, cls in table:
+        if isinstance(module, types):
+            return cls
+    return None

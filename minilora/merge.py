@@ -1,0 +1,158 @@
+"""merge, unmerge, merge_and_unload, disable_adapters: free functions over an injected model."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from minilora.inject import _unload, _walk, lora_layers, lora_state
+from minilora.layers import LoraLayer
+from minilora.modules_to_save import ModulesToSave
+
+__all__ = ["merge", "unmerge", "merge_and_unload", "disable_adapters"]
+
+
+def _require_injected(model: nn.Module, what: str) -> None:
+    if lora_state(model) is None:
+        raise ValueError(f"{what}: this model has no minilora adapters; call minilora.inject(model, ...) first")
+
+
+def _names(model: nn.Module, adapter_names: Sequence[str] | str | None) -> list[str]:
+    state = lora_state(model)
+    if adapter_names is None:
+        return list(state.active)
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; this model has {sorted(state.configs)}")
+    return names
+
+
+def _untie_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
+    # A LoRA layer whose weight is also another module's (tied embeddings) must not merge into
+    # the shared tensor: that would change the other module too. Give it its own copy.
+    owners: dict[int, int] = {}
+    for _, module in _walk(model):
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    for name, layer in layers:
+        if owners.get(id(layer.weight), 0) > 1:
+            layer.untied_from = layer.weight
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+                model.config.tie_word_embeddings = False
+                layer.untied_flag = True  # the config said tied: say so again once re-tied
+            warnings.warn(f"{name!r} shared its weight with another module (tied embeddings); it was untied "
+                          "before merging so the other module keeps its weight (unmerge ties it again when "
+                          "the weight comes back exactly, e.g. after merge(keep_original=True))", stacklevel=3)
+
+
+def _retie(model: nn.Module) -> None:
+    # Undo _untie_shared where unmerge brought the weight back to the shared one's exact values.
+    for _, layer in lora_layers(model):
+        shared = layer.untied_from
+        if shared is not None and not layer.merged and torch.equal(layer.weight, shared):
+            layer.weight, layer.untied_from = shared, None
+            if layer.untied_flag:
+                model.config.tie_word_embeddings, layer.untied_flag = True, False
+
+
+def _check_mergeable(name: str, layer: LoraLayer, todo: list[str]) -> None:
+    # What a layer's merge would raise on, checked for every layer before any weight changes, so
+    # a refused merge never leaves the model half merged.
+    groups = getattr(layer.base_layer, "groups", 1)
+    if groups > 1:
+        raise ValueError(f"cannot merge into {name!r}: LoRA on a grouped conv (groups={groups}) cannot be merged "
+                         "(A mixes channels across groups, which the grouped weight cannot hold); nothing was "
+                         "merged. Use it unmerged")
+    for adapter in todo:
+        if layer.adapters[adapter].lora_bias is not None and layer.bias is None:
+            raise ValueError(f"cannot merge adapter {adapter!r} into {name!r}: it has a lora_bias but the base "
+                             "layer has no bias to merge it into; nothing was merged")
+
+
+def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
+          adapter_names: Sequence[str] | str | None = None) -> nn.Module:
+    """Add the adapters' deltas (s·B@A, computed in fp32, rounded once) into the base weights.
+
+    Args:
+        safe: check every merged weight for non-finite values first; on any, raise naming the
+            layer and leave all weights untouched.
+        keep_original: keep a CPU copy of each original weight so ``unmerge`` restores it
+            bit-exactly (peft's unmerge subtracts the delta and, in bf16, changes ~41% of elements).
+        adapter_names: which adapters (default: the active ones).
+
+    Merging an adapter twice changes nothing. Returns the model.
+    """
+    _require_injected(model, "merge")
+    names = _names(model, adapter_names)
+    layers = list(lora_layers(model))
+    for name, layer in layers:
+        todo = [n for n in names if n in layer.adapters and n not in layer.merged]
+        if not todo:
+            continue
+        _check_mergeable(name, layer, todo)
+        if safe:
+            weight, bias = layer.merged_weights(todo)
+            bad = [t for t, tensor in (("weight", weight), ("bias", bias)) if tensor is not None
+                       and not torch.isfinite(tensor).all()]
+            if bad:
+                raise ValueError(f"merging {todo} into {name!r} gives non-finite values in its {bad[0]}; "
+                                 "nothing was merged (the adapter weights are probably broken)")
+    _untie_shared(model, [(n, layer) for n, layer in layers
+                          if any(a in layer.adapters and a not in layer.merged for a in names)])
+    for _, layer in layers:
+        layer.merge([n for n in names if n in layer.adapters], keep_original=keep_original)
+    return model
+
+
+def unmerge(model: nn.Module, adapter_names: Sequence[str] | str | None = None) -> nn.Module:
+    """Take merged adapters back out of the weights (all merged ones by default).
+
+    Exact when they were merged with ``keep_original=True``; otherwise W - delta, as peft.
+    Without merged adapters this is a no-op.
+    """
+    _require_injected(model, "unmerge")
+    names = None if adapter_names is None else _names(model, adapter_names)
+    for _, layer in lora_layers(model):
+        layer.unmerge(names)
+    _retie(model)
+    return model
+
+
+def merge_and_unload(model: nn.Module, safe: bool = False,
+                     adapter_names: Sequence[str] | str | None = None) -> nn.Module:
+    """Merge, then put plain base layers back (modules_to_save: the trained copy). The result is
+    an ordinary model with no minilora inside; the same object is returned."""
+    merge(model, safe=safe, adapter_names=adapter_names)
+    return _unload(model)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: every LoRA layer and modules_to_save wrapper off inside the block.
+
+    The previous state comes back on exit, also when the block raises.
+
+    Raises:
+        ValueError: if adapters are merged (their deltas are in the weights; unmerge first).
+    """
+    _require_injected(model, "disable_adapters")
+    modules = [m for _, m in _walk(model) if isinstance(m, (LoraLayer, ModulesToSave))]
+    merged = [n for n, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"cannot disable adapters while they are merged (e.g. in {merged[0]!r}); "
+                         "call minilora.unmerge(model) first")
+    before = [m.disabled for m in modules]
+    try:
+        for m in modules:
+            m.disabled = True
+        yield model
+    finally:
+        for m, flag in zip(modules, before):
+            m.disabled = flag

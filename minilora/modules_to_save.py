@@ -1,0 +1,92 @@
+"""ModulesToSave: a module trained in full (a classifier head, lm_head, embed_tokens) per adapter."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["ModulesToSave"]
+
+
+class ModulesToSave(nn.Module):
+    """Holds the original module (frozen) and one trainable copy per adapter.
+
+    State-dict keys follow peft's wrapper (``<name>.original_module.*`` and
+    ``<name>.modules_to_save.<adapter>.*``); on disk the wrapper path is dropped, as in peft.
+    Forward runs the active adapter's copy, or the original when no adapter with a copy is active
+    or adapters are disabled.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.original_module.requires_grad_(False)
+        self.modules_to_save = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.disabled = False
+        self.row_adapters: list[str] | None = None  # per-row adapter names (mixed batches)
+        self.train(original.training)  # keep the model's train/eval mode
+
+    def add_copy(self, name: str) -> nn.Module:
+        trained = copy.deepcopy(self.original_module)
+        trained.requires_grad_(True)
+        self.modules_to_save[name] = trained
+        return trained
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self.active = tuple(n for n in names if n in self.modules_to_save)
+
+    @property
+    def current(self) -> nn.Module:
+        """The module forward runs now."""
+        if self.disabled or not self.active:
+            return self.original_module
+        return self.modules_to_save[self.active[0]]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.row_adapters is not None and not self.disabled:
+            return self._forward_rows(*args, **kwargs)
+        return self.current(*args, **kwargs)
+
+    def _forward_rows(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Mixed batch: each adapter's copy runs on its rows; rows whose adapter has no copy here
+        (or '__base__') run the original module. Tensor arguments are split along dim 0."""
+        names = self.row_adapters
+        groups: dict[int, tuple[nn.Module, list[int]]] = {}
+        for i, name in enumerate(names):
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            groups.setdefault(id(module), (module, []))[1].append(i)
+        out = None
+        for module, rows in groups.values():
+            index = None
+            part_args, part_kwargs = [], {}
+            for key, value in [*enumerate(args), *kwargs.items()]:
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    if value.shape[0] != len(names):
+                        raise ValueError(f"per-row adapters: an input has {value.shape[0]} rows, but "
+                                         f"{len(names)} row adapters were given")
+                    index = torch.tensor(rows, device=value.device) if index is None else index
+                    value = value.index_select(0, index)
+                if isinstance(key, int):
+                    part_args.append(value)
+                else:
+                    part_kwargs[key] = value
+            part = module(*part_args, **part_kwargs)
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(f"per-row adapters need a module returning a tensor; "
+                                f"{type(module).__name__} returned {type(part).__name__}")
+            if out is None:
+                out = part.new_empty((len(names), *part.shape[1:]))
+            out[torch.tensor(rows, device=out.device)] = part
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        # Code that reads e.g. ``lm_head.weight`` or ``embed_tokens.num_embeddings`` sees the module
+        # that forward runs.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current, name)

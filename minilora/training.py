@@ -1,0 +1,172 @@
+"""Training at scale: what minilora adds for DDP, FSDP2, gradient checkpointing and the HF Trainer.
+
+Most of it needs nothing from here (see docs/training-at-scale.md):
+
+- DDP and FSDP2 (``fully_shard``) take an injected model as it is: a LoRA layer holds the base
+  weight and the adapter factors as its own parameters, frozen and trainable side by side, and
+  its forward reads only those (so FSDP's swapping of sharded/unsharded parameters is seen).
+- Gradient checkpointing: ``inject`` hooks the model's input embedding so that its output
+  requires grad in training, which reentrant checkpointing needs to reach the adapters. A model
+  without ``get_input_embeddings`` gets the same hook from :func:`require_input_grads`.
+
+What is here:
+
+- :func:`save_adapter_sharded`: ``save_adapter`` for an FSDP2-sharded model, called on every rank.
+- ``SaveAdapterCallback``: a ``transformers.TrainerCallback`` writing the peft-format adapter into
+  every Trainer checkpoint. transformers is imported only when the name is first used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from minilora.checkpoint import gather_tensors, save_adapter
+from minilora.inject import _input_requires_grad
+
+__all__ = ["require_input_grads", "save_adapter_sharded", "SaveAdapterCallback"]
+
+
+def require_input_grads(module: nn.Module) -> RemovableHandle:
+    """Make ``module``'s output require grad in training (grad enabled, ``module.training``).
+
+    For reentrant checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``) over a frozen
+    input: the checkpointed blocks only backpropagate, into their adapters, when their input
+    requires grad. ``inject`` does this for the module ``model.get_input_embeddings()`` returns;
+    call it on the first module of a model that has no such method. Values are unchanged.
+
+    Returns:
+        The hook's handle (``.remove()`` undoes it).
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"require_input_grads needs an nn.Module (the model's first module, e.g. its embedding), "
+                        f"got {type(module).__name__}")
+    return module.register_forward_hook(_input_requires_grad)
+
+
+def save_adapter_sharded(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Save the adapter(s) of a model sharded with FSDP2 (``fully_shard``) in peft's format.
+
+    Call on every rank (it is collective): each adapter tensor, and only those, is all-gathered
+    (``DTensor.full_tensor()``), rank 0 writes exactly the files ``save_adapter`` writes for the
+    same weights in one process, and all ranks return once they are on disk. Works unchanged on a
+    DDP or unsharded model (nothing to gather). Without an initialised process group it is
+    ``save_adapter``.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        save_adapter(model, path, adapter_name)
+        return
+    save_adapter(model, path, adapter_name, is_main_process=dist.get_rank() == 0)
+    dist.barrier()  # nobody reads the folder (or exits) before rank 0 has written it
+
+
+def _make_save_adapter_callback() -> type:
+    from transformers import TrainerCallback
+
+    class SaveAdapterCallback(TrainerCallback):
+        """Write the peft-format adapter into each Trainer checkpoint.
+
+        ``Trainer(..., callbacks=[SaveAdapterCallback()])`` writes ``adapter_config.json`` and
+        ``adapter_model.safetensors`` to ``<output_dir>/checkpoint-<step>/<subfolder>`` whenever
+        the Trainer saves, from every rank (an FSDP2-sharded model gathers only its adapter
+        tensors; the main process writes).
+
+        The Trainer's own checkpoint files are what its ``resume_from_checkpoint`` reads. By
+        default they are left alone: its ``model.safetensors`` then holds the whole model, base
+        weights included. ``slim_trainer_checkpoint=True`` replaces that file (atomically) by one
+        holding only the trainable tensors: resuming still works, because the Trainer loads
+        checkpoint weights non-strictly into the model you built (it logs the frozen keys as
+        missing), and a checkpoint costs the adapter, not the model.
+
+        Args:
+            adapter_name: which adapter (default: all, extra ones in sub-folders, as peft).
+            subfolder: folder inside the checkpoint ("" writes into the checkpoint folder itself).
+            slim_trainer_checkpoint: keep only trainable tensors in the Trainer's weights file.
+        """
+
+        def __init__(self, adapter_name: str | None = None, subfolder: str = "adapter",
+                     slim_trainer_checkpoint: bool = False) -> None:
+            self.adapter_name, self.subfolder = adapter_name, subfolder
+            self.slim_trainer_checkpoint = slim_trainer_checkpoint
+
+        def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                    **kwargs: Any) -> None:
+            if model is None:
+                raise ValueError("SaveAdapterCallback needs the model; the Trainer passes it to callbacks")
+            model = _unwrapped(model)
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_adapter(model, os.path.join(folder, self.subfolder), self.adapter_name,
+                         is_main_process=args.should_save)
+            if self.slim_trainer_checkpoint:
+                _slim_trainer_weights(model, folder, is_main_process=args.should_save)
+
+    SaveAdapterCallback.__qualname__ = SaveAdapterCallback.__name__
+    SaveAdapterCallback.__module__ = __name__
+    return SaveAdapterCallback
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    # The Trainer hands callbacks its unwrapped model; a DDP wrapper or a torch.compile'd module
+    # given by hand would prefix every key (module., _orig_mod.), so look through them.
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+# The Trainer's weight files (transformers' names): one file, or shards listed by an index.
+_TRAINER_WEIGHTS = "model.safetensors"
+_TRAINER_INDEX = "model.safetensors.index.json"
+_TRAINER_PICKLE = "pytorch_model.bin"
+
+
+def _slim_trainer_weights(model: nn.Module, folder: str, is_main_process: bool) -> None:
+    """Replace the Trainer's full-model weights in ``folder`` by the trainable tensors only,
+    under the model's own state-dict keys (what ``Trainer._load_from_checkpoint`` loads)."""
+    keys = [name for name, p in model.named_parameters() if p.requires_grad]
+    tensors = gather_tensors(model, keys)  # collective on a sharded model: every rank calls it
+    if not is_main_process:
+        return
+    from safetensors.torch import save_file
+
+    index = os.path.join(folder, _TRAINER_INDEX)
+    stale = [_TRAINER_PICKLE, _TRAINER_INDEX]
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            stale += sorted(set(json.load(handle)["weight_map"].values()))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{_TRAINER_WEIGHTS}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(folder, _TRAINER_WEIGHTS))  # the full file is never half-replaced
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    for name in stale:
+        if name != _TRAINER_WEIGHTS:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+
+
+_LAZY = {"SaveAdapterCallback": _make_save_adapter_callback}
+_built: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # transformers is heavy and optional: build the callback class on first use only.
+    if name in _LAZY:
+        if name not in _built:
+            _built[name] = _LAZY[name]()
+        return _built[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

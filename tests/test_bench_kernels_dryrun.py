@@ -1,0 +1,30 @@
+"""benchmarks/bench_kernels.py --dry-run runs to completion on the CPU and writes its report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+
+
+def test_bench_kernels_dry_run(tmp_path):
+    pytest.importorskip("triton")
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ, TRITON_INTERPRET="1", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = list(tmp_path.glob("kernels-CPU-dry-run-*.md"))
+    plots = list(tmp_path.glob("kernels-CPU-dry-run-*.png"))
+    assert len(reports) == 1 and len(plots) == 1, list(tmp_path.iterdir())
+    text = reports[0].read_text()
+    assert "DRY RUN" in text and "All methods within" in text
+    for method in ("cublas", "merged", "minilora-torch", "unsloth-addmm", "triton-p0",
+                   "triton-p0.05"):
+        assert f"| {method} |" in text, method
+    assert plots[0].stat().st_size > 1000

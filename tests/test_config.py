@@ -1,0 +1,156 @@
+"""LoraConfig: validation (each bad value names field, value and what is allowed), frozen, and
+the round trip through peft's adapter_config.json fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import pytest
+
+from minilora import LoraConfig
+
+peft = pytest.importorskip("peft")
+
+# (field, bad value, words the message must contain besides the field and the value)
+BAD_VALUES = [
+    ("r", 0, "positive integer"),
+    ("r", -4, "positive integer"),
+    ("r", 2.5, "positive integer"),
+    ("r", True, "positive integer"),
+    ("lora_alpha", 0, "positive finite"),
+    ("lora_alpha", float("nan"), "positive finite"),
+    ("lora_alpha", float("inf"), "positive finite"),
+    ("lora_dropout", 1.0, r"\[0, 1\)"),
+    ("lora_dropout", -0.1, r"\[0, 1\)"),
+    ("target_modules", [], "at least one module"),
+    ("target_modules", ["q_proj", 3], "module-name strings"),
+    ("target_modules", "q_proj[", "does not compile"),
+    ("target_modules", 7, "list of module names"),
+    ("exclude_modules", "(", "does not compile"),
+    ("modules_to_save", "lm_head", r"list of module names"),
+    ("bias", "some", r"\('none', 'all', 'lora_only'\)"),
+    ("use_rslora", "yes", "True or False"),
+    ("init_lora_weights", "loftq", "allowed values"),
+    ("init_lora_weights", "kaiming", "allowed values"),
+    ("layers_to_transform", -1, "non-negative"),
+    ("layers_to_transform", [0, "1"], "non-negative"),
+    ("rank_pattern", {"q_proj": 0}, "positive integer rank"),
+    ("rank_pattern", {"q_proj": 2.5}, "positive integer rank"),
+    ("rank_pattern", ["q_proj"], "dict"),
+    ("rank_pattern", {"(": 4}, "does not compile"),
+    ("alpha_pattern", {"q_proj": -1}, "positive alpha"),
+    ("fan_in_fan_out", 1, "True or False"),
+    ("lora_bias", "no", "True or False"),
+    ("inference_mode", None, "True or False"),
+    ("task_type", "CLASSIFY", "allowed values"),
+]
+
+
+@pytest.mark.parametrize("field,value,allowed", BAD_VALUES, ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES])
+def test_bad_value_names_field_value_and_allowed(field, value, allowed):
+    base = {"target_modules": ["q_proj"]} if field != "target_modules" else {}
+    with pytest.raises(ValueError, match=rf"LoraConfig\.{field}=") as info:
+        LoraConfig(**base, **{field: value})
+    message = str(info.value)
+    import re
+    assert re.search(allowed, message), message
+    shown = repr(value) if not isinstance(value, dict) else repr(next(iter(value)))
+    assert shown in message or str(value) in message, message
+
+
+def test_layers_to_transform_needs_a_list_target():
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[0\].*only works with a list target_modules"):
+        LoraConfig(target_modules=r".*q_proj", layers_to_transform=[0])
+
+
+def test_layers_pattern_needs_layers_to_transform():
+    with pytest.raises(ValueError, match=r"layers_pattern='layers'.*only has a meaning together with"):
+        LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
+
+
+def test_frozen_and_replace_validates():
+    config = LoraConfig(target_modules=["q_proj"], r=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.r = 8
+    assert config.r == 4
+    assert config.replace(r=16).r == 16 and config.r == 4
+    with pytest.raises(ValueError, match=r"LoraConfig\.r=0"):
+        config.replace(r=0)
+
+
+def test_scaling():
+    assert LoraConfig(r=16, lora_alpha=32).scaling_for(16, 32) == 2.0
+    assert LoraConfig(r=16, lora_alpha=32, use_rslora=True).scaling_for(16, 32) == 8.0
+
+
+def test_set_targets_are_sorted_and_task_type_enum_accepted():
+    config = LoraConfig(target_modules={"v_proj", "q_proj"}, task_type=peft.TaskType.SEQ_CLS)
+    assert config.target_modules == ["q_proj", "v_proj"]
+    assert config.task_type == "SEQ_CLS"
+
+
+PEFT_CONFIGS = [
+    dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.05, task_type="CAUSAL_LM"),
+    dict(r=4, target_modules=r".*\.(q|v)_proj", init_lora_weights="gaussian", use_rslora=True, bias="all"),
+    dict(target_modules="all-linear", modules_to_save=["lm_head", "embed_tokens"], init_lora_weights=False),
+    dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2], layers_pattern="layers",
+         rank_pattern={"q_proj": 4}, alpha_pattern={r"layers\.0\..*": 3.0}, lora_bias=True, bias="lora_only"),
+    dict(target_modules=["c_attn"], fan_in_fan_out=True, exclude_modules=["h.0.attn.c_attn"],
+         task_type="SEQ_CLS", init_lora_weights="pissa"),
+]
+MEANING = ["r", "lora_alpha", "lora_dropout", "exclude_modules", "modules_to_save", "bias", "use_rslora",
+           "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+           "fan_in_fan_out", "lora_bias", "task_type", "inference_mode"]
+
+
+@pytest.mark.parametrize("fields", PEFT_CONFIGS)
+def test_peft_round_trip_keeps_meaning_and_keys(fields):
+    theirs = peft.LoraConfig(**fields)
+    # peft's to_dict holds sets; its adapter_config.json holds them as lists. Both must load.
+    peft_dict = json.loads(json.dumps(theirs.to_dict(), default=sorted))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every field of a peft config is known: no "unknown field" warning
+        ours = LoraConfig.from_dict(peft_dict)
+        assert LoraConfig.from_dict(theirs.to_dict()) == ours
+    for name in MEANING:
+        mine, their = getattr(ours, name), getattr(theirs, name)
+        if isinstance(their, (set, frozenset)):
+            their = sorted(their)
+        assert mine == their, name
+    target = theirs.target_modules
+    assert ours.target_modules == (sorted(target) if isinstance(target, set) else target)
+    out = ours.to_dict()
+    json.dumps(out)  # JSON-ready
+    assert set(out) >= set(peft_dict)
+    assert out["peft_type"] == "LORA"
+    # and back into peft: the same config
+    again = peft.LoraConfig(**{k: v for k, v in out.items() if k != "peft_type"})
+    for name in MEANING:
+        assert getattr(again, name) == getattr(theirs, name) or name == "modules_to_save", name
+    assert LoraConfig.from_dict(out) == ours
+
+
+@pytest.mark.parametrize("key,value", [("use_dora", True), ("use_qalora", True),
+                                       ("layer_replication", [[0, 2]]), ("target_parameters", ["w"])])
+def test_unimplemented_peft_feature_is_refused(key, value):
+    data = peft.LoraConfig(target_modules=["q_proj"]).to_dict()
+    data[key] = value
+    with pytest.raises(ValueError, match=rf"sets {key}=.*does not implement; only {key}="):
+        LoraConfig.from_dict(data)
+
+
+def test_non_lora_peft_type_is_refused():
+    with pytest.raises(ValueError, match="peft_type='IA3'.*only 'LORA'"):
+        LoraConfig.from_dict({"peft_type": "IA3", "target_modules": ["q_proj"]})
+
+
+def test_unknown_fields_warn_and_round_trip():
+    data = {"peft_type": "LORA", "target_modules": ["q_proj"], "r": 4, "future_field": {"a": 1}, "zeta": 3}
+    with pytest.warns(UserWarning, match=r"does not know: \['future_field', 'zeta'\]"):
+        config = LoraConfig.from_dict(data)
+    out = config.to_dict()
+    assert out["future_field"] == {"a": 1} and out["zeta"] == 3
+    with pytest.warns(UserWarning):
+        assert LoraConfig.from_dict(out).to_dict() == out

@@ -1,0 +1,356 @@
+"""Correctness of the Triton fused LoRA linear: forward and every gradient against float64.
+
+On the CPU the kernels run under the Triton interpreter. Triton decides interpreted-or-compiled
+when a kernel is defined, so a process can hold only one kind: the interpreter cases run in one
+spawned child process per pytest worker with TRITON_INTERPRET=1, and this process never imports
+triton. bf16 is checked only on a GPU (the interpreter returns garbage for bf16). When CUDA is
+present the same cases also run in-process on the GPU, bf16 included.
+
+Outputs the kernels must write are allocated filled with NaN (``lora_matmul._new_output`` is
+replaced), so an element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+
+# Relative error bound: max |out - ref| / max |ref|. The LoRA branch is as large as the base
+# term in these inputs, so a wrong scale, a missing term or a wrong mask is an O(1) error.
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+MAIN_SHAPE = (40, 72)  # (K, N): not multiples of any block size
+
+
+# --------------------------------------------------------------------------------------------
+# The cases: plain functions so they run in the interpreter child or in-process on a GPU.
+# --------------------------------------------------------------------------------------------
+
+
+def _poison_outputs():
+    from minilora.kernels import lora_matmul
+
+    def nan_output(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else 7
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    lora_matmul._new_output = nan_output
+    return lora_matmul
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
+    assert torch.isfinite(out).all(), "non-finite values: an element was not written"
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _inputs(M, K, N, r, dtype, adapter_dtype, bias, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
+    b = torch.randn(N, generator=g).to(device, dtype) if bias else None
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(device, adapter_dtype)
+    B = (torch.randn(N, r, generator=g) / r**0.5).to(device, adapter_dtype)
+    return x, w, b, A, B
+
+
+def _reference(x, w, b, A, B, scaling, keep, p):
+    """float64 forward and gradients of the same inputs (as rounded to their dtypes)."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None
+              for t in (x, b, A, B)]
+    xd, bd, Ad, Bd = leaves
+    y = xd @ w.double().T + scaling / (1 - p) * ((xd * keep) @ Ad.T) @ Bd.T
+    if bd is not None:
+        y = y + bd
+    return y, leaves
+
+
+def check_forward_backward(M, K, N, r, dtype, adapter_dtype, bias, p, path, device="cpu",
+                           x_layout="contiguous"):
+    """Forward and dX, dA, dB, dbias of the fused kernels against float64."""
+    from minilora.kernels import fused_lora_linear
+
+    lora_matmul = _poison_outputs()
+    scaling, seed = 1.7, 1234
+    x, w, b, A, B = _inputs(M, K, N, r, dtype, adapter_dtype, bias, device)
+    if x_layout == "strided":  # (M, K) view with column stride 2
+        x = torch.repeat_interleave(x, 2, dim=1)[:, ::2]
+        assert not x.is_contiguous()
+    elif x_layout == "3d-transposed":  # (2, M, K) from a transposed buffer: reshape must copy
+        x = torch.stack([x, x.flip(0)]).transpose(0, 1).contiguous().transpose(0, 1)
+    x.requires_grad_()
+    for t in (b, A, B):
+        if t is not None:
+            t.requires_grad_()
+
+    y = fused_lora_linear(x, w, b, A, B, scaling, p, True, seed=seed, path=path)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    y.backward(dy)
+
+    x2, dy2 = x.detach().reshape(-1, K), dy.reshape(-1, N)
+    if p > 0:
+        keep = lora_matmul.dropout_keep_mask(torch.tensor([seed], device=device), x2.shape[0], K, p)
+        keep = keep.double()
+    else:
+        keep = torch.ones(x2.shape, dtype=torch.float64, device=device)
+    ref, (xd, bd, Ad, Bd) = _reference(x2, w, b, A, B, scaling, keep, p)
+    ref.backward(dy2.double())
+
+    tol = TOL[dtype]
+    errors = {"y": _rel_err(y.reshape(-1, N), ref),
+              "dx": _rel_err(x.grad.reshape(-1, K), xd.grad),
+              "dA": _rel_err(A.grad, Ad.grad), "dB": _rel_err(B.grad, Bd.grad)}
+    if bias:
+        errors["dbias"] = _rel_err(b.grad, bd.grad)
+        assert b.grad.dtype == b.dtype
+    assert A.grad.dtype == A.dtype and B.grad.dtype == B.dtype and x.grad.dtype == x.dtype
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+def check_backward_modes(dtype, p, device="cpu"):
+    """Atomic and deterministic dB agree; need_dx=False skips dX but keeps dA and dB."""
+    lora_matmul = _poison_outputs()
+    M, K, N, r = 33, 40, 72, 8
+    x, w, _, A, B = _inputs(M, K, N, r, dtype, torch.float32, False, device)
+    seed = torch.tensor([99], device=device)
+    y, s = lora_matmul.forward(x, w, None, A, B, 0.5, p, seed, "split")
+    dy = torch.randn_like(y)
+    full = lora_matmul.backward(dy, x, w, A, B, s, 0.5, p, seed, True, deterministic=True)
+    atomic = lora_matmul.backward(dy, x, w, A, B, s, 0.5, p, seed, True, deterministic=False)
+    no_dx = lora_matmul.backward(dy, x, w, A, B, s, 0.5, p, seed, False)
+    assert no_dx[0] is None
+    for a, b in zip(full[1:], atomic[1:]):
+        assert _rel_err(a, b.double()) <= TOL[dtype]
+    for a, b in zip(full[1:], no_dx[1:]):
+        assert torch.equal(a, b)
+    assert _rel_err(full[0], atomic[0].double()) <= TOL[dtype]
+
+
+def check_dropout_mask(device="cpu"):
+    """The mask keeps about 1 - p, depends on the seed, and is not periodic in the tiles."""
+    lora_matmul = _poison_outputs()
+    seed = torch.tensor([5], device=device)
+    for p in (0.1, 0.5):
+        keep = lora_matmul.dropout_keep_mask(seed, 128, 96, p)
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.02
+    a = lora_matmul.dropout_keep_mask(seed, 64, 64, 0.5)
+    b = lora_matmul.dropout_keep_mask(torch.tensor([6], device=device), 64, 64, 0.5)
+    assert not torch.equal(a, b)
+    assert not torch.equal(a[:16], a[16:32]) and not torch.equal(a[:, :32], a[:, 32:])
+    # same seed -> same mask, and the forward is reproducible
+    assert torch.equal(a, lora_matmul.dropout_keep_mask(seed, 64, 64, 0.5))
+
+
+def check_eval_and_empty(device="cpu"):
+    """training=False ignores dropout; an empty batch gives an empty output."""
+    from minilora.kernels import fused_lora_linear
+    from minilora.ops import lora_linear_reference
+
+    _poison_outputs()
+    x, w, b, A, B = _inputs(9, 40, 72, 4, torch.float32, torch.float32, True, device)
+    y = fused_lora_linear(x, w, b, A, B, 2.0, 0.5, False)
+    ref = lora_linear_reference(x.double(), w.double(), b.double(), A.double(), B.double(), 2.0)
+    assert _rel_err(y, ref) <= TOL[torch.float32]
+    empty = fused_lora_linear(x[:0], w, b, A, B, 2.0)
+    assert empty.shape == (0, 72)
+
+
+def check_torch_compile(device="cpu"):
+    """torch.compile traces the custom ops with fullgraph=True; results match eager."""
+    from minilora.kernels import fused_lora_linear
+
+    x, w, b, A, B = _inputs(17, 40, 72, 8, torch.float32, torch.float32, True, device)
+    A.requires_grad_()
+    B.requires_grad_()
+
+    def f(x, A, B):
+        return fused_lora_linear(x, w, b, A, B, 0.5, 0.0, True)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    y_eager = f(x, A, B)
+    ga = torch.autograd.grad(y_eager.sum(), (A, B))
+    y_comp = compiled(x, A, B)
+    gc = torch.autograd.grad(y_comp.sum(), (A, B))
+    assert torch.allclose(y_eager, y_comp) and all(map(torch.allclose, ga, gc))
+
+
+ERROR_CASES = {
+    # name: (kwargs overrides, expected message regex)
+    "dtype": (dict(w=lambda w: w.half()), "x and weight must share one dtype"),
+    "k_mismatch": (dict(A=lambda A: A[:, :-1]), "in_features mismatch"),
+    "b_shape": (dict(B=lambda B: B[:-1]), r"B must have shape \(out_features, r\)"),
+    "bias_shape": (dict(b=lambda b: b[:-1]), r"bias must have shape \(72,\)"),
+    "rank": (dict(A=lambda A: A.repeat(65, 1), B=lambda B: B.repeat(1, 65)),
+             "rank r=260 is outside the supported range"),
+    "device": (dict(A=lambda A: A.to("meta")), "A is on meta but x is on cpu"),
+    "int_adapter": (dict(A=lambda A: A.to(torch.int32)), "A must be fp16, bf16 or fp32"),
+    "frozen": (dict(w=lambda w: w.requires_grad_()), "treat weight as frozen"),
+    "path": (dict(path="fast"), "path must be 'auto', 'fused' or 'split'"),
+    "dropout": (dict(p=1.0), r"dropout_p must be in \[0, 1\)"),
+}
+
+
+def check_error(name):
+    from minilora.kernels import fused_lora_linear
+
+    overrides, message = ERROR_CASES[name]
+    x, w, b, A, B = _inputs(5, 40, 72, 4, torch.float32, torch.float32, True, "cpu")
+    args = dict(x=x, w=w, b=b, A=A, B=B, path="auto", p=0.0)
+    for key, change in overrides.items():
+        args[key] = change(args[key]) if callable(change) else change
+    with pytest.raises(ValueError, match=message):
+        fused_lora_linear(args["x"], args["w"], args["b"], args["A"], args["B"], 1.0,
+                          args["p"], True, path=args["path"])
+
+
+def _assert_interpreted():
+    from minilora.kernels import lora_matmul
+
+    assert lora_matmul.INTERPRET, "the interpreter child imported triton without TRITON_INTERPRET"
+
+
+def _run_in_child(fn, *args, **kwargs):
+    """Run a case; any failure comes back as a picklable AssertionError with its traceback."""
+    import traceback
+
+    try:
+        fn(*args, **kwargs)
+    except BaseException:  # pytest's Failed/Skipped exceptions cannot be pickled
+        raise AssertionError(traceback.format_exc()) from None
+
+
+def _interpreter_init():
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Interpreter runs (CPU, fp32 and fp16)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpret():
+    """Run a case in a spawned child whose triton runs kernels through the interpreter."""
+    pytest.importorskip("triton")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_interpreter_init) as pool:
+        pool.submit(_assert_interpreted).result(timeout=300)
+        yield lambda *args, **kw: pool.submit(_run_in_child, *args, **kw).result(timeout=300)
+
+
+INTERPRET_DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("dtype", INTERPRET_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("r", [1, 8, 16, 33])
+@pytest.mark.parametrize("M", [1, 3, 17, 64])
+def test_forward_backward(interpret, M, r, bias, p, dtype, path):
+    # fp16 bases carry fp32 adapters, the library's default
+    interpret(check_forward_backward, M, *MAIN_SHAPE, r, dtype, torch.float32, bias, p, path)
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
+                                                 (torch.float16, torch.float16)],
+                         ids=["fp32", "fp16-fp16adapters"])
+@pytest.mark.parametrize("K,N", [(19, 33), (128, 96), (64, 64), (1, 5)])
+def test_shapes(interpret, K, N, dtype, adapter_dtype, path):
+    interpret(check_forward_backward, 21, K, N, 5, dtype, adapter_dtype, True, 0.25, path)
+
+
+@pytest.mark.parametrize("x_layout", ["strided", "3d-transposed"])
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_non_contiguous_x(interpret, x_layout, path):
+    interpret(check_forward_backward, 7, 40, 72, 8, torch.float32, torch.float32, True, 0.25,
+              path, "cpu", x_layout)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", INTERPRET_DTYPES, ids=["fp32", "fp16"])
+def test_backward_modes(interpret, dtype, p):
+    interpret(check_backward_modes, dtype, p)
+
+
+def test_dropout_mask(interpret):
+    interpret(check_dropout_mask)
+
+
+def test_eval_and_empty(interpret):
+    interpret(check_eval_and_empty)
+
+
+def test_torch_compile_fullgraph(interpret):
+    interpret(check_torch_compile)
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_CASES))
+def test_launcher_errors(interpret, name):
+    interpret(check_error, name)
+
+
+def test_ops_never_picks_triton_on_cpu():
+    from minilora import ops
+
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    assert ops.backend_for(x, w) == "torch"
+    with pytest.raises(RuntimeError, match="backend 'triton' was forced"):
+        ops.backend_for(x, w, "triton")
+
+
+def test_import_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, minilora.kernels, minilora.ops; assert 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --------------------------------------------------------------------------------------------
+# The same cases on a real GPU (compiled kernels; bf16 included)
+# --------------------------------------------------------------------------------------------
+
+on_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+    reason="needs a CUDA device (and TRITON_INTERPRET unset)")
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@on_gpu
+@pytest.mark.parametrize("path", ["fused", "split", "auto"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("r", [1, 8, 16, 33, 256])
+@pytest.mark.parametrize("M", [1, 3, 17, 64, 300, 2048])
+def test_gpu_forward_backward(M, r, bias, p, dtype, path):
+    check_forward_backward(M, 520, 328, r, dtype, torch.float32, bias, p, path, "cuda")
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("x_layout", ["contiguous", "strided", "3d-transposed"])
+def test_gpu_shapes_and_layouts(dtype, x_layout):
+    for K, N in [(19, 33), (4096, 1000), (1, 5)]:
+        check_forward_backward(37, K, N, 16, dtype, dtype, True, 0.1, "auto", "cuda", x_layout)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_gpu_backward_modes(dtype):
+    check_backward_modes(dtype, 0.25, "cuda")
+
+
+@on_gpu
+def test_gpu_dropout_mask_and_compile():
+    check_dropout_mask("cuda")
+    check_eval_and_empty("cuda")
+    check_torch_compile("cuda")
