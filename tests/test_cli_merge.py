@@ -1,4 +1,4 @@
-"""`minilora merge`: a sharded checkpoint + a peft-format adapter, merged tensor by tensor,
+"""`minilora merge`: a sharded checkpoint + a peft-format adapter, merged block by block,
 must load with transformers and equal `merge_and_unload` on the same weights, bit for bit;
 and peak memory must stay far below the checkpoint size."""
 
@@ -116,6 +116,45 @@ def test_merge_equals_merge_and_unload(tmp_path, name):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp folder left
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_blocked_merge_equals_merge_and_unload(tmp_path, kind, monkeypatch):
+    """Tensors bigger than a block are merged block by block (rows of W, or columns of A for the
+    transposed layouts: Conv1D and embeddings); the blocks must join to exactly the bits
+    merge_and_unload computes for the whole tensor."""
+    import minilora.cli.merge as merge_module
+
+    monkeypatch.setattr(merge_module, "_BLOCK_ELEMENTS", 1)  # every block at the 256-row floor
+    if kind == "llama":
+        torch.manual_seed(0)
+        base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=700, hidden_size=32, intermediate_size=520, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False)).eval()
+        targets = ["embed_tokens", "lm_head", "gate_proj", "down_proj", "q_proj"]
+    else:
+        torch.manual_seed(0)
+        base = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=600, n_embd=288, n_layer=1,
+                                                                    n_head=4, n_positions=32)).eval()
+        targets = ["c_attn", "c_fc", "c_proj", "wte"]
+    shapes = {k: v.shape for k, v in base.state_dict().items()}
+    assert sum(s[0] > 256 for s in shapes.values() if len(s) == 2) >= 3  # several tensors span blocks
+    base.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = minilora.inject(copy.deepcopy(base), target_modules=targets, r=8, lora_alpha=16)
+    tm.randomize_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = minilora.merge_and_unload(ours).state_dict()
+    got = folder_tensors(tmp_path / "out")
+    changed = 0
+    for key, value in got.items():
+        assert torch.equal(value, want[key]), key
+        changed += not torch.equal(value, base.state_dict()[key])
+    assert changed >= 4
+
+
 def test_merge_matches_float64_reference_and_peft(tmp_path):
     """Independent of minilora's own merge: W + s·B@A in float64 from the files, and peft's
     merge_and_unload on the same weights (scaling per rank/alpha pattern, rsLoRA)."""
@@ -195,10 +234,12 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def test_peak_memory_is_far_below_checkpoint_size(tmp_path):
-    """A 220 MB bf16 checkpoint (8 wide Llama layers, 3 shards) and an all-linear r=8 adapter:
-    the merge's peak RSS growth (peak reset through /proc/self/clear_refs) must stay near a few
-    copies of the largest tensor (5.5 MiB in bf16, 11 MiB as fp32), far below the checkpoint size.
-    The measured growth is printed (-s)."""
+    """A 212 MiB bf16 checkpoint (8 wide Llama layers, 3 shards) and an all-linear r=8 adapter:
+    the merge's peak RSS growth (peak reset through /proc/self/clear_refs) must stay at a few
+    blocks (about 4 MiB of fp32 each), below 3x the largest tensor and far below the checkpoint
+    size. glibc's allocator is pinned to a fixed mmap threshold in the measured process: with its
+    default dynamic threshold, freed blocks stay in the heap and RSS drifts up by a model-independent
+    20-40 MiB (measured), noise that would swamp what this test is about. The growth is printed (-s)."""
     hidden, inter, vocab, layers = 1024, 2816, 4096, 8
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                                       num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
@@ -235,7 +276,7 @@ def test_peak_memory_is_far_below_checkpoint_size(tmp_path):
     cfg = minilora.LoraConfig(r=r, lora_alpha=16, target_modules=tm.LLAMA_TARGETS).to_dict()
     (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MALLOC_MMAP_THRESHOLD_": "262144"}
 
     def peak_growth(mode: str) -> int:
         result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, mode, str(base_dir), str(adapter_dir),
@@ -244,12 +285,12 @@ def test_peak_memory_is_far_below_checkpoint_size(tmp_path):
         return json.loads(result.stdout.strip().splitlines()[-1])["growth"]
 
     merged, loaded = peak_growth("merge"), peak_growth("load")
-    largest = 2 * hidden * inter  # bytes of the largest tensor (bf16)
+    largest = 2 * max(hidden * inter, vocab * hidden)  # bytes of the largest tensor (bf16)
     print(f"checkpoint {total / 2**20:.0f} MiB, largest tensor {largest / 2**20:.1f} MiB: peak RSS growth "
           f"{merged / 2**20:.0f} MiB merging, {loaded / 2**20:.0f} MiB loading it whole")
     assert loaded > 0.9 * total  # the instrument does see memory proportional to the checkpoint
-    assert merged < 0.3 * total
-    assert merged < 10 * largest  # a few fp32 copies of the largest tensor, plus allocator slack
+    assert merged < 0.15 * total
+    assert merged < 3 * largest  # measured about 16 MiB: a few blocks, however large the tensors
 
     # Spot-check one merged tensor against a float64 reference.
     key = "model.layers.5.mlp.down_proj"

@@ -20,7 +20,7 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 #: subcommand -> module under minilora.cli defining ``add_arguments(parser)`` and ``run(args)``.
 _SUBCOMMANDS = {
     "demo": "which modules should LoRA train? a real pretrained model, trained and compared",
-    "merge": "merge a peft-format adapter into a safetensors checkpoint folder, tensor by tensor",
+    "merge": "merge a peft-format adapter into a safetensors checkpoint folder, block by block",
     "inspect": "list the modules LoRA can adapt and what a targets spec selects",
     "bench": "where the benchmarks live and how to run them",
 }

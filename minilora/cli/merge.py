@@ -1,10 +1,12 @@
 """``minilora merge BASE ADAPTER OUT``: fold a peft-format adapter into a safetensors checkpoint.
 
 The model is never built with weights. The adapter's ``adapter_config.json`` and tensors are
-read, then every checkpoint tensor is streamed: read one (``safe_open`` per tensor, so its
-memory map is dropped straight away), add ``s·B@A`` where an adapter touches it, write it
-into the new shard, forget it. Peak memory is therefore a few copies of the largest tensor
-(the base tensor, its fp32 sum, the fp32 delta), not the model size; the test measures it.
+read, then every checkpoint tensor is streamed in blocks of rows: read the block's bytes with
+plain file reads (no memory map, whose pages would count as resident memory), add the block's
+rows of ``s·B@A`` where an adapter touches it, write them into the new shard, forget them. Peak
+memory is therefore a few blocks (about 4 MiB of fp32 each) plus the adapter factors, whatever
+the size of the model or of its largest tensor (a 128k-vocabulary embedding's fp32 delta alone
+would be 4 GiB); the test measures it.
 
 The output is written into a temporary folder beside OUT and renamed at the end, so OUT either
 appears complete or not at all.
@@ -26,7 +28,7 @@ import shutil
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,7 @@ class _Tensor:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    start: int = 0  # byte offset of the data in the file
 
     @property
     def nbytes(self) -> int:
@@ -102,19 +105,57 @@ def _header(path: Path) -> tuple[dict[str, _Tensor], dict[str, str]]:
     """Keys -> (dtype, shape) and the metadata of one safetensors file, without reading data."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:  # validates the header and the data layout
         entries = {k: _Tensor(path, f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
                    for k in f.keys()}
-        return entries, dict(f.metadata() or {})
+        metadata = dict(f.metadata() or {})
+    # safe_open does not expose where each tensor's bytes lie; the header it just accepted does.
+    with open(path, "rb") as raw:
+        (n,) = struct.unpack("<Q", raw.read(8))
+        header = json.loads(raw.read(n))
+    for k, entry in entries.items():
+        begin, end = header[k]["data_offsets"]
+        entry.start = 8 + n + begin
+        if end - begin != entry.nbytes:
+            raise ValueError(f"{path}: tensor {k!r} holds {end - begin} bytes, but {entry.dtype} "
+                             f"{list(entry.shape)} needs {entry.nbytes}; the file is corrupt")
+    return entries, metadata
 
 
 def _load(entry: _Tensor, key: str) -> torch.Tensor:
-    # One safe_open per tensor: a file kept open stays memory-mapped, and every page read through
-    # the map counts as resident memory until it is closed (measured: RSS grew by the file size).
-    from safetensors import safe_open
+    """A whole (adapter) tensor."""
+    return _read_rows(entry, slice(0, entry.shape[0] if entry.shape else 1))
 
-    with safe_open(str(entry.file), framework="pt") as f:
-        return f.get_tensor(key)
+
+def _read_rows(entry: _Tensor, rows: slice) -> torch.Tensor:
+    """Rows ``rows`` (of dim 0) of a checkpoint tensor, read with plain file reads: a memory map
+    kept open counts every page read through it as resident memory (measured: RSS grew by the
+    file size), so none is used."""
+    shape = (rows.stop - rows.start, *entry.shape[1:]) if entry.shape else ()
+    row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else entry.nbytes
+    buf = bytearray(row_bytes * (rows.stop - rows.start))
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start + rows.start * row_bytes)
+        if f.readinto(buf) != len(buf):
+            raise ValueError(f"{entry.file} ends before the data of a tensor it declares; the file is truncated")
+    if not buf:
+        return torch.empty(shape, dtype=_DTYPES[entry.dtype])
+    return torch.frombuffer(buf, dtype=torch.uint8).view(_DTYPES[entry.dtype]).reshape(shape)
+
+
+# Rows per block: about 1M elements (4 MiB as fp32), but never fewer than 256 rows. The floor keeps
+# each block's s·B@A on the same BLAS kernel as the whole product (a handful of rows goes down a
+# GEMV path whose summation order differs), so the merged bits equal merge_and_unload's.
+_BLOCK_ELEMENTS, _MIN_BLOCK_ROWS = 1 << 20, 256
+
+
+def _row_blocks(shape: tuple[int, ...]) -> list[slice]:
+    rows = shape[0] if shape else 1
+    per_row = 1
+    for d in shape[1:]:
+        per_row *= d
+    step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(per_row, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
 
 
 def _checkpoint(base: Path) -> tuple[dict[str, _Tensor], dict[str, dict[str, str]], dict | None]:
@@ -268,20 +309,20 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, conf
 
 
 # ---------------------------------------------------------------- the merge itself
-def _delta(m: _LoraModule, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """s·B@A in fp32, in the weight's layout: the same arithmetic as the LoRA layers'
-    delta_weight (so the result equals ``merge_and_unload`` bit for bit), scaled in place to
-    keep one weight-sized temporary."""
-    if m.embedding:
-        return (B.float() @ A.float()).mul_(m.scaling).T
-    if A.dim() > 2:
-        return torch.einsum("or,r...->o...", B.float().flatten(1), A.float()).mul_(m.scaling)
-    delta = (B.float() @ A.float()).mul_(m.scaling)
-    return delta.T if m.transposed else delta
+def _delta(m: _LoraModule, A: torch.Tensor, B: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of s·B@A in fp32, in the weight's stored layout: the same arithmetic as the
+    LoRA layers' delta_weight (so the result equals ``merge_and_unload`` bit for bit), scaled in
+    place to keep one block-sized temporary. Transposed layouts (Conv1D, fan_in_fan_out,
+    embeddings) store rows of (B@A).T, i.e. columns of A."""
+    if m.embedding or m.transposed:
+        return (B.float() @ A.float()[:, rows]).mul_(m.scaling).T
+    if A.dim() > 2:  # ConvNd: B (out, r, 1..) flattened to (out, r), A (r, in, *k)
+        return torch.einsum("or,r...->o...", B.float().flatten(1)[rows], A.float()).mul_(m.scaling)
+    return (B.float()[rows] @ A.float()).mul_(m.scaling)
 
 
 class _Merger:
-    """Computes one merged checkpoint tensor at a time."""
+    """Computes merged checkpoint tensors one block of rows at a time."""
 
     def __init__(self, ad_tensors, modules, replace, ck_tensors, tied_to):
         self.ad_tensors, self.ck_tensors, self.tied_to = ad_tensors, ck_tensors, tied_to
@@ -295,26 +336,32 @@ class _Merger:
     def touches(self, key: str) -> bool:
         return key in self.replace or key in self.by_weight or key in self.by_bias
 
-    def value(self, key: str) -> torch.Tensor:
-        """The merged tensor for checkpoint name ``key`` (stored under its own or its tied name)."""
+    def blocks(self, key: str) -> Iterator[torch.Tensor]:
+        """The merged tensor for checkpoint name ``key`` (stored under its own or its tied name),
+        as consecutive blocks of rows in the stored dtype."""
         stored = key if key in self.ck_tensors else self.tied_to[key]
-        dtype = _DTYPES[self.ck_tensors[stored].dtype]
-        t = self._adapter(self.replace[key]).to(dtype) if key in self.replace else _load(self.ck_tensors[stored], stored)
-        if key in self.by_weight:
-            m = self.by_weight[key]
-            # W + fp32 delta adds in fp32 and rounds once, as LoraLayer.merged_weights does
-            # (in place into the delta: the sum is the same bits, with one temporary less).
-            t = _delta(m, self._adapter(m.A), self._adapter(m.B)).add_(t).to(dtype)
-        if key in self.by_bias:
-            m = self.by_bias[key]
-            t = (t + m.scaling * self._adapter(m.lora_bias)).to(dtype)
-        return t
+        entry = self.ck_tensors[stored]
+        dtype = _DTYPES[entry.dtype]
+        source = self.ad_tensors[self.replace[key]] if key in self.replace else entry
+        m, mb = self.by_weight.get(key), self.by_bias.get(key)
+        # The adapter factors are small (r x features); read once per tensor, not per block.
+        A, B = (self._adapter(m.A), self._adapter(m.B)) if m is not None else (None, None)
+        bias = self._adapter(mb.lora_bias) if mb is not None else None
+        for rows in _row_blocks(entry.shape):
+            t = _read_rows(source, rows).to(dtype)
+            if m is not None:
+                # W + fp32 delta adds in fp32 and rounds once, as LoraLayer.merged_weights does
+                # (in place into the delta: the sum is the same bits, with one temporary less).
+                t = _delta(m, A, B, rows).add_(t).to(dtype)
+            if bias is not None:
+                t = (t + mb.scaling * bias[rows]).to(dtype)
+            yield t
 
 
 def _write_safetensors(path: Path, keys: list[tuple[str, _Tensor]], metadata: dict[str, str],
-                       value: Callable[[str], torch.Tensor], tick: Callable[[], None]) -> int:
+                       blocks: Callable[[str], Iterator[torch.Tensor]], tick: Callable[[], None]) -> int:
     """Stream tensors into one safetensors file: the header is known up front (a merge changes no
-    dtype or shape), so each tensor is written and dropped before the next is computed."""
+    dtype or shape), so each block is written and dropped before the next is computed."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for key, entry in keys:
@@ -326,15 +373,22 @@ def _write_safetensors(path: Path, keys: list[tuple[str, _Tensor]], metadata: di
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for key, entry in keys:
-            t = value(key)
-            if t.dtype != _DTYPES[entry.dtype] or tuple(t.shape) != entry.shape:
-                raise AssertionError(f"internal error: {key} came out {t.dtype} {list(t.shape)}")
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-            del t
+            n = 0
+            for t in blocks(key):
+                if t.dtype != _DTYPES[entry.dtype] or tuple(t.shape[1:]) != entry.shape[1:]:
+                    raise AssertionError(f"internal error: {key} came out {t.dtype} {list(t.shape)}")
+                n += f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                del t
+            if n != entry.nbytes:
+                raise AssertionError(f"internal error: {key} wrote {n} of {entry.nbytes} bytes")
             tick()
         f.flush()
         os.fsync(f.fileno())
     return offset
+
+
+def _same(a: Iterator[torch.Tensor], b: Iterator[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _copy_side_files(base: Path, tmp: Path, weight_files: set[str]) -> list[str]:
@@ -399,11 +453,10 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
         for g in tied_groups:
             if any(merger.touches(k) for k in g):
                 stored = next(s for s in g if s in ck_tensors)
-                first = merger.value(stored)
-                if not all(torch.equal(first, merger.value(k)) for k in g if k != stored):
-                    extra[stored] = [k for k in g if k != stored]
-                    untied += extra[stored]
-                del first
+                others = [k for k in g if k != stored]
+                if not all(_same(merger.blocks(stored), merger.blocks(k)) for k in others):
+                    extra[stored] = others
+                    untied += others
         by_shard: dict[str, list[tuple[str, _Tensor]]] = {}
         for key, entry in ck_tensors.items():
             shard = entry.file.name
@@ -418,7 +471,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
             for shard in sorted(by_shard):
                 bar.set_postfix_str(shard)
                 written += _write_safetensors(tmp / shard, by_shard[shard], shard_meta[shard],
-                                              merger.value, bar.update)
+                                              merger.blocks, bar.update)
                 weight_map.update({k: shard for k, _ in by_shard[shard]})
         skipped = _copy_side_files(base, tmp, set(by_shard))
         if index is not None:
