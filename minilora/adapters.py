@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from minilora.config import LoraConfig
-from minilora.inject import BASE_ADAPTER, _set_module, _unload, _walk, lora_layers, lora_state, update_trainable
+from minilora.inject import BASE_ADAPTER, _swap, _unload, _walk, lora_layers, lora_state, update_trainable
 from minilora.layers import LoraAdapter, LoraConv, LoraLayer
 from minilora.modules_to_save import ModulesToSave
 
@@ -112,18 +112,17 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     if merged:
         raise ValueError(f"delete_adapter: adapter {name!r} is merged into {merged[0]!r} (and {len(merged) - 1} "
                          f"other layers); call minilora.unmerge(model, {name!r}) first")
-    replaced = []
-    for module_name, module in list(_walk(model)):
+    swaps: dict[int, nn.Module] = {}
+    for _, module in list(_walk(model)):
         if isinstance(module, LoraLayer) and name in module.adapters:
             del module.adapters[name]
             if not module.adapters:
-                replaced.append((module_name, module.restore_base()))
+                swaps[id(module)] = module.restore_base()
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             del module.modules_to_save[name]
             if not module.modules_to_save:
-                replaced.append((module_name, module.original_module))
-    for module_name, module in replaced:
-        _set_module(model, module_name, module)
+                swaps[id(module)] = module.original_module
+    _swap(model, swaps)
     del state.configs[name]
     if not state.configs:
         _unload(model)  # nothing left to put back; drops the minilora state (and its hooks)

@@ -44,10 +44,15 @@ def lora_state(model: nn.Module) -> LoraState | None:
 # ---------------------------------------------------------------- walking the model
 def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) over the model, not descending into LoRA layers or ModulesToSave wrappers
-    (their internals are not the user's modules)."""
-    stack = [("", model)]
+    (their internals are not the user's modules). A module registered at several paths (one
+    object, e.g. an embedding shared by encoder and decoder) comes once, at its first path, as
+    in ``named_modules()``; ``_swap`` keeps every path pointing at the same object."""
+    stack, seen = [("", model)], set()
     while stack:
         name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         yield name, module
         if isinstance(module, (LoraLayer, ModulesToSave)):
             continue
@@ -64,9 +69,23 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
     return ((n, m) for n, m in _walk(model) if isinstance(m, ModulesToSave))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+def _swap(model: nn.Module, swaps: dict[int, nn.Module]) -> None:
+    """Put ``swaps[id(old)]`` wherever ``old`` is registered, at every path, in one walk: a module
+    registered twice stays one object (replacing it at its first path only would leave the other
+    path on the bare module, which is what peft does)."""
+    stack, seen = [model], set()
+    while stack:
+        parent = stack.pop()
+        if id(parent) in seen:
+            continue
+        seen.add(id(parent))
+        for child_name, child in parent._modules.items():
+            if child is None:
+                continue
+            if id(child) in swaps:
+                setattr(parent, child_name, swaps[id(child)])
+            elif not isinstance(child, (LoraLayer, ModulesToSave)):
+                stack.append(child)
 
 
 def _base_type(module: nn.Module) -> nn.Module:
@@ -192,7 +211,9 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
                          f"modules_to_save and layers_to_transform); adaptable modules include {linear}")
 
     save = _plan_modules_to_save(modules, names, save_names, config, chosen, notes)
-    ties = _tied_groups(modules, save, {t.name for t in chosen})
+    # LoRA layers of earlier adapters count too: wrapping one would hide it inside the copy.
+    lora_names = {t.name for t in chosen} | {n for n, m in modules if isinstance(m, LoraLayer)}
+    ties = _tied_groups(modules, save, lora_names)
     return _Plan(chosen, [n for group in ties for n in group if n not in save] + save, ties, notes)
 
 
@@ -230,8 +251,9 @@ def _tied_groups(modules, save: list[str], lora_names: set[str]) -> list[list[st
         if len(group) > 1 and group not in groups:
             clash = [g for g in group if g in lora_names]
             if clash:
-                raise ValueError(f"{clash[0]!r} shares its weight with {name!r} (tied embeddings) and cannot be a LoRA "
-                                 f"target while {name!r} is trained in full; drop one of them")
+                raise ValueError(f"{clash[0]!r} shares its weight with {name!r} (tied embeddings) and cannot carry LoRA "
+                                 f"(from this adapter or an earlier one) while {name!r} is trained in full; "
+                                 "drop one of them")
             groups.append(group)
     return groups
 
@@ -271,6 +293,7 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
     for note in plan.warnings:
         warnings.warn(note, stacklevel=2)
 
+    swaps: dict[int, nn.Module] = {}
     for target in plan.targets:
         module = model.get_submodule(target.name)
         layer = module if isinstance(module, LoraLayer) else target.layer_cls(module)
@@ -278,14 +301,15 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
                           scaling=config.scaling_for(target.r, target.alpha), dropout=config.lora_dropout,
                           lora_bias=config.lora_bias, init=config.init_lora_weights)
         if layer is not module:
-            _set_module(model, target.name, layer)
+            swaps[id(module)] = layer
     copies = {}
     for name in plan.save:
         module = model.get_submodule(name)
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         copies[name] = wrapper.add_copy(adapter_name)
         if wrapper is not module:
-            _set_module(model, name, wrapper)
+            swaps[id(module)] = wrapper
+    _swap(model, swaps)
     for group in plan.ties:
         shared = copies[group[0]].weight
         for name in group[1:]:
@@ -395,15 +419,15 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _unload(model: nn.Module) -> nn.Module:
-    replaced = []
+    swaps: dict[int, nn.Module] = {}
     for name, module in list(_walk(model)):
+        if not name:
+            continue
         if isinstance(module, LoraLayer):
-            replaced.append((name, module.restore_base()))
+            swaps[id(module)] = module.restore_base()
         elif isinstance(module, ModulesToSave):
-            replaced.append((name, module.modules_to_save[module.active[0]] if module.active else module.original_module))
-    for name, module in replaced:
-        if name:
-            _set_module(model, name, module)
+            swaps[id(module)] = module.modules_to_save[module.active[0]] if module.active else module.original_module
+    _swap(model, swaps)
     state = lora_state(model)
     if state is not None:
         if state.input_grad_hook is not None:

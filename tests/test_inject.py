@@ -271,6 +271,84 @@ def test_lora_and_modules_to_save_on_tied_pair_refused():
     assert_unchanged(model, before)
 
 
+def test_modules_to_save_tied_to_an_earlier_adapters_lora_refused():
+    """A second adapter may not fully train a module whose weight is tied to a module that an
+    earlier adapter put LoRA on: wrapping it would hide that LoRA layer inside the copy."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=1, num_attention_heads=4,
+                                               num_key_value_heads=2, tie_word_embeddings=True))
+    minilora.inject(model, targets=["q_proj", "lm_head"], adapter_name="a")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with 'model\.embed_tokens' \(tied.*earlier one"):
+        minilora.inject(model, targets=["v_proj"], modules_to_save=["embed_tokens"], adapter_name="b")
+    assert_unchanged(model, before)
+    assert minilora.adapted_modules(model) == ["model.layers.0.self_attn.q_proj", "lm_head"]
+
+
+class _SharedLinear(nn.Module):
+    """One nn.Linear registered at two paths ("enc.0" and "dec.0") and applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(8, 8)
+        self.enc = nn.Sequential(shared, nn.Tanh())
+        self.dec = nn.Sequential(shared)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.dec(self.enc(x)))
+
+
+def test_module_registered_at_two_paths_is_adapted_once_and_stays_shared(tmp_path):
+    """peft replaces such a module at its first path only (the second keeps the bare layer); minilora
+    puts the same LoRA layer at both, names it once (its first path, as named_modules does), and
+    merges, saves and unloads it once."""
+    torch.manual_seed(0)
+    base = _SharedLinear()
+    model = minilora.inject(copy.deepcopy(base), targets=["enc.0"], r=2, lora_alpha=6)
+    assert minilora.find_targets(base, target_modules=["enc.0"]) == ["enc.0"]
+    assert model.enc[0] is model.dec[0] and isinstance(model.enc[0], minilora.LoraLayer)
+    assert minilora.adapted_modules(model) == ["enc.0"]
+    assert minilora.trainable_parameters(model)[0] == 2 * (8 + 8)
+    from tiny_models import randomize_adapters
+    randomize_adapters(model)
+    adapter = model.enc[0].adapters["default"]
+    x = torch.randn(5, 8)
+
+    def reference(w_extra):  # float64: the shared layer applied twice, both times with LoRA
+        w = base.enc[0].weight.double() + w_extra
+        h = torch.tanh(x.double() @ w.T + base.enc[0].bias.double())
+        h = h @ w.T + base.enc[0].bias.double()
+        return h @ base.head.weight.double().T + base.head.bias.double()
+
+    delta = 3.0 * adapter.lora_B.double() @ adapter.lora_A.double()
+    out = model(x)
+    torch.testing.assert_close(out.double(), reference(delta), rtol=1e-5, atol=1e-6)
+    minilora.merge(model)  # once, not once per path
+    torch.testing.assert_close(model.enc[0].weight.double(), base.enc[0].weight.double() + delta, rtol=1e-6, atol=1e-6)
+    minilora.unmerge(model)
+    minilora.save_adapter(model, tmp_path / "a")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["base_model.model.enc.0.lora_A.weight", "base_model.model.enc.0.lora_B.weight"]
+    loaded = minilora.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    assert loaded.enc[0] is loaded.dec[0]
+    torch.testing.assert_close(loaded(x), out, rtol=0, atol=0)
+    minilora.unload(loaded)
+    assert type(loaded.enc[0]) is nn.Linear and loaded.enc[0] is loaded.dec[0]
+    torch.testing.assert_close(loaded(x), base(x), rtol=0, atol=0)
+
+
+def test_module_registered_at_two_paths_in_modules_to_save_stays_shared():
+    torch.manual_seed(0)
+    model = minilora.inject(_SharedLinear(), targets=["head"], modules_to_save=["enc.0"])
+    assert model.enc[0] is model.dec[0] and isinstance(model.enc[0], minilora.ModulesToSave)
+    minilora.delete_adapter(model, "default")
+    assert type(model.enc[0]) is nn.Linear and model.enc[0] is model.dec[0]
+
+
 def test_lora_bias_on_an_embedding_refused_and_on_biasless_layer_warns():
     model = build("embed_conv1d")
     before = snapshot(model)
