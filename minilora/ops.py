@@ -11,7 +11,12 @@ peft does): the LoRA branch runs in the adapter dtype and the sum is cast back t
 in the same order of operations as peft so that both give bit-identical results.
 
 ``lora_linear`` dispatches: the fused Triton kernels (``minilora.kernels``) when x is on CUDA,
-Triton imports and the dtype is supported; otherwise the reference. ``MINILORA_BACKEND=torch``
+Triton imports and the dtype is supported; otherwise the reference. The kernels run the LoRA
+branch in the base dtype with fp32 accumulation (fp32 adapters are cast to bf16 on load, as
+autocast would), so over a bf16 base they match peft within bf16 rounding, not bit for bit;
+docs/kernels.md gives the bounds. Inside an autocast region whose dtype is not the base
+weight's (an fp32 model under bf16 autocast), the reference runs, so autocast decides the
+precision exactly as it does for peft. ``MINILORA_BACKEND=torch``
 or ``=triton`` in the environment (read once, at import), ``set_backend(...)`` later, or
 ``backend=`` per call, forces a path.
 """
@@ -70,6 +75,13 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 MAX_KERNEL_RANK = 256
 
 
+def _autocast_recasts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True inside an autocast region that would run F.linear in another dtype than the weight's:
+    the custom op has no autocast rule, so the kernels would silently compute in the model dtype."""
+    device = x.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != weight.dtype
+
+
 def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None,
                 rank: int = 1) -> str:
     """Which path ``lora_linear`` takes for these tensors: "torch" or "triton"."""
@@ -80,7 +92,8 @@ def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = Non
         return "torch"
     # The kernels compute in the base dtype and treat the base weight as frozen.
     usable = (x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
-              and x.dtype == weight.dtype and not weight.requires_grad and rank <= MAX_KERNEL_RANK)
+              and x.dtype == weight.dtype and not weight.requires_grad and rank <= MAX_KERNEL_RANK
+              and not _autocast_recasts(x, weight))
     if usable:
         try:
             from minilora.kernels import available
@@ -90,7 +103,8 @@ def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = Non
     if choice == "triton" and not usable:
         raise RuntimeError(
             "backend 'triton' was forced but cannot run here: it needs x on a CUDA device, "
-            "x and a frozen (requires_grad=False) weight of one dtype among fp16/bf16/fp32, "
+            "x and a frozen (requires_grad=False) weight of one dtype among fp16/bf16/fp32 "
+            "(and, inside autocast, the autocast dtype), "
             f"a rank of at most {MAX_KERNEL_RANK}, "
             "and an importable triton (pip install minilora[triton])")
     return "triton" if usable else "torch"

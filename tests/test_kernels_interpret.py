@@ -350,6 +350,26 @@ def test_gpu_backward_modes(dtype):
 
 
 @on_gpu
+def test_gpu_autocast_of_another_dtype_takes_the_reference_path():
+    """An fp32 model under bf16 autocast: autocast decides the precision (as for peft), so the
+    reference runs; a bf16 model under bf16 autocast keeps the kernels."""
+    from minilora import ops
+
+    x, w = torch.randn(4, 32, device="cuda"), torch.randn(16, 32, device="cuda")
+    assert ops.backend_for(x, w) == "triton"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert ops.backend_for(x, w) == "torch"
+        assert ops.backend_for(x.bfloat16(), w.bfloat16()) == "triton"
+        with pytest.raises(RuntimeError, match="autocast"):
+            ops.backend_for(x, w, "triton")
+        A, B = torch.randn(4, 32, device="cuda"), torch.randn(16, 4, device="cuda")
+        got = ops.lora_linear(x, w, None, A, B, 2.0)
+        want = ops.lora_linear_reference(x, w, None, A, B, 2.0)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@on_gpu
 def test_gpu_dropout_mask_and_compile():
     check_dropout_mask("cuda")
     check_eval_and_empty("cuda")
