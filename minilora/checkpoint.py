@@ -400,12 +400,20 @@ def _meta_clone(model: nn.Module) -> nn.Module:
     """A structural copy of the model whose parameters and buffers live on the meta device
     (no memory, no copying of values), for a dry-run inject."""
     memo: dict[int, Any] = {}
+
+    def to_meta(t: Any) -> None:
+        if isinstance(t, torch.Tensor) and id(t) not in memo:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
     for module in model.modules():
-        for tensors in (module._parameters, module._buffers):
-            for t in tensors.values():
-                if t is not None and id(t) not in memo:
-                    meta = torch.empty_like(t, device="meta")
-                    memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            to_meta(t)
+        # Tensors held as plain attributes too: merge(keep_original=True)'s CPU copies, the
+        # shared weight of an untied embedding. Deep-copying those would copy real memory.
+        for value in vars(module).values():
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                to_meta(t)
     return copy.deepcopy(model, memo)
 
 

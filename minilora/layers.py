@@ -82,7 +82,8 @@ class LoraLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.original_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        # The weight this layer shared (tied embeddings) before merge gave it its own copy.
+        # The weight this layer shared (tied embeddings) before merge gave it its own copy; a
+        # plain attribute, never a registered parameter (see merge._untie_shared).
         self.untied_from: nn.Parameter | None = None
         self.untied_flag = False  # merge also set the model's config.tie_word_embeddings to False
         self._live: tuple[str, ...] = ()  # active and not merged: what forward has to add

@@ -42,7 +42,9 @@ def _untie_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None
                 owners[id(p)] = owners.get(id(p), 0) + 1
     for name, layer in layers:
         if owners.get(id(layer.weight), 0) > 1:
-            layer.untied_from = layer.weight
+            # object.__setattr__: through nn.Module's it would register the other module's weight
+            # as a parameter of this layer (a stray "untied_from" key in every state dict).
+            object.__setattr__(layer, "untied_from", layer.weight)
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
             if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
                 model.config.tie_word_embeddings = False

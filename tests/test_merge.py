@@ -270,9 +270,12 @@ def test_merge_unties_a_shared_embedding_and_exact_unmerge_ties_it_again():
     shared = head.weight.detach().clone()
     assert head.weight is wte.weight and model.config.tie_word_embeddings
 
+    keys = list(model.state_dict())
     with pytest.warns(UserWarning, match="untied before merging"):
         minilora.merge(model, keep_original=True)
+    assert list(model.state_dict()) == keys  # no stray key for the remembered shared weight
     assert head.weight is not wte.weight and not model.config.tie_word_embeddings
+    assert "untied_from" not in dict(wte.named_parameters())
     assert torch.equal(head.weight, shared)  # lm_head kept its weight
     assert not torch.equal(wte.weight, shared)  # the embedding got the delta
 
@@ -283,6 +286,31 @@ def test_merge_unties_a_shared_embedding_and_exact_unmerge_ties_it_again():
         minilora.merge(model)
     minilora.unmerge(model)  # W - delta in fp32 is not bit-exact: stays untied, flag false
     assert head.weight is not wte.weight and not model.config.tie_word_embeddings
+
+
+def test_dry_run_clone_copies_no_real_memory():
+    """load_adapter's dry run clones the model on the meta device; tensors held as plain
+    attributes (keep_original's CPU copies, an untied embedding's shared weight) must not be
+    deep-copied with real memory either."""
+    from minilora.checkpoint import _meta_clone
+
+    model = build("gpt2")
+    with pytest.warns(UserWarning):
+        minilora.inject(model, targets=["wte", "c_attn"], r=4)
+    with pytest.warns(UserWarning, match="untied before merging"):
+        minilora.merge(model, keep_original=True)
+    assert model.transformer.wte.untied_from is not None and model.transformer.wte.original_weights is not None
+    clone = _meta_clone(model)
+    seen = 0
+    for module in clone.modules():
+        for value in [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]:
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    assert t.device.type == "meta", type(module).__name__
+                    seen += 1
+    assert seen > 20
+    wte = clone.transformer.wte
+    assert wte.untied_from is clone.lm_head.weight  # the tie structure survives the clone
 
 
 def test_keep_original_after_a_plain_merge_is_refused_and_model_unchanged():
