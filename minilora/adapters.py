@@ -22,6 +22,7 @@ from minilora.config import LoraConfig
 from minilora.inject import BASE_ADAPTER, _swap, _unload, _walk, lora_layers, lora_state, update_trainable
 from minilora.layers import LoraAdapter, LoraConv, LoraLayer
 from minilora.modules_to_save import ModulesToSave
+from minilora.rows import RowAdapters
 
 __all__ = ["set_adapter", "delete_adapter", "add_weighted_adapter", "per_sample_adapters", "COMBINATIONS"]
 
@@ -339,8 +340,9 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     before = [m.row_adapters for m in modules]
     handle = model.register_forward_pre_hook(check_batch, with_kwargs=True)
     try:
+        rows = RowAdapters(names)  # one set of index tensors for all layers
         for m in modules:
-            m.row_adapters = names
+            m.row_adapters = rows
         yield model
     finally:
         handle.remove()

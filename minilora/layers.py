@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora import ops
+from minilora.rows import RowAdapters
 
 __all__ = ["LoraAdapter", "LoraLayer", "LoraLinear", "LoraConv1D", "LoraEmbedding", "LoraConv",
            "lora_layer_class", "SUPPORTED_TYPES"]
@@ -87,7 +88,7 @@ class LoraLayer(nn.Module):
         self.untied_from: nn.Parameter | None = None
         self.untied_flag = False  # merge also set the model's config.tie_word_embeddings to False
         self._live: tuple[str, ...] = ()  # active and not merged: what forward has to add
-        self.row_adapters: list[str] | None = None  # per-row adapter names (mixed batches)
+        self.row_adapters: RowAdapters | None = None  # per-row adapter names (mixed batches)
         # A new module starts in training mode; injecting into an eval model must not switch the
         # LoRA dropout on (forward checks self.training).
         self.train(base.training)
@@ -138,10 +139,10 @@ class LoraLayer(nn.Module):
                              f"{len(names)} row adapters were given; dim 0 must be the batch")
         y = self.base_forward(x)
         dtype, out = y.dtype, y
-        for name in dict.fromkeys(names):
+        for name in names.distinct():
             if name not in self.adapters:
                 continue  # '__base__', or an adapter that does not touch this layer
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            rows = names.index(names.rows_of(name), x.device)
             delta = self.branch(self.adapters[name], x.index_select(0, rows))
             out = out.to(torch.promote_types(out.dtype, delta.dtype))
             out = out.index_add(0, rows, delta.to(out.dtype))

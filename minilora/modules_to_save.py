@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from minilora.rows import RowAdapters
+
 __all__ = ["ModulesToSave"]
 
 
@@ -27,7 +29,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.disabled = False
-        self.row_adapters: list[str] | None = None  # per-row adapter names (mixed batches)
+        self.row_adapters: RowAdapters | None = None  # per-row adapter names (mixed batches)
         self.train(original.training)  # keep the model's train/eval mode
 
     def add_copy(self, name: str) -> nn.Module:
@@ -55,21 +57,20 @@ class ModulesToSave(nn.Module):
         """Mixed batch: each adapter's copy runs on its rows; rows whose adapter has no copy here
         (or '__base__') run the original module. Tensor arguments are split along dim 0."""
         names = self.row_adapters
-        groups: dict[int, tuple[nn.Module, list[int]]] = {}
-        for i, name in enumerate(names):
+        groups: dict[int, tuple[nn.Module, tuple[int, ...]]] = {}
+        for name in names.distinct():
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            groups.setdefault(id(module), (module, []))[1].append(i)
+            rows = groups.get(id(module), (module, ()))[1] + names.rows_of(name)
+            groups[id(module)] = (module, tuple(sorted(rows)))
         out = None
         for module, rows in groups.values():
-            index = None
             part_args, part_kwargs = [], {}
             for key, value in [*enumerate(args), *kwargs.items()]:
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     if value.shape[0] != len(names):
                         raise ValueError(f"per-row adapters: an input has {value.shape[0]} rows, but "
                                          f"{len(names)} row adapters were given")
-                    index = torch.tensor(rows, device=value.device) if index is None else index
-                    value = value.index_select(0, index)
+                    value = value.index_select(0, names.index(rows, value.device))
                 if isinstance(key, int):
                     part_args.append(value)
                 else:
@@ -80,7 +81,7 @@ class ModulesToSave(nn.Module):
                                 f"{type(module).__name__} returned {type(part).__name__}")
             if out is None:
                 out = part.new_empty((len(names), *part.shape[1:]))
-            out[torch.tensor(rows, device=out.device)] = part
+            out[names.index(rows, out.device)] = part
         return out
 
     def __getattr__(self, name: str) -> Any:

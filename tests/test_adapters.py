@@ -295,6 +295,14 @@ def test_per_sample_rows_match_single_adapter_runs(kind):
     inputs = example_inputs(kind, ours, batch=len(names))
     with minilora.per_sample_adapters(ours, names):
         mixed = _out(ours, inputs)
+        # One set of row indices for the whole model, built on the first call and reused after.
+        shared = {id(layer.row_adapters) for _, layer in lora_layers(ours)}
+        assert len(shared) == 1
+        rows = next(iter(lora_layers(ours)))[1].row_adapters
+        cached = {k: id(v) for k, v in rows._index.items()}
+        assert 1 <= len(cached) <= 3
+        assert torch.equal(_out(ours, inputs), mixed)
+        assert {k: id(v) for k, v in rows._index.items()} == cached
     refs = {n: _row_reference(ours, inputs, n) for n in set(names)}
     assert len({tuple(r.flatten()[:4].tolist()) for r in refs.values()}) == 3  # three different models
     for i, name in enumerate(names):
@@ -348,7 +356,8 @@ def test_per_sample_refusals_and_restore_on_exception():
 
 def test_layer_refuses_rows_that_do_not_match_its_batch():
     ours = minilora.inject(build("mlp"), targets=["lin0"])
-    ours.lin0.row_adapters = ["default", "default"]
+    from minilora.rows import RowAdapters
+    ours.lin0.row_adapters = RowAdapters(["default", "default"])
     with pytest.raises(ValueError, match=r"input of shape \(6, 12\), but 2 row adapters were given"):
         ours.lin0(torch.randn(6, 12))
 
