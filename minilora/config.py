@@ -8,7 +8,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, NoReturn, Union
 
 __all__ = ["LoraConfig", "INIT_SCHEMES", "BIAS_MODES"]
 
@@ -35,7 +35,7 @@ _PEFT_PASSTHROUGH = ("peft_type", "auto_mapping", "peft_version", "revision", "m
 Targets = Union[list[str], str, None]
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
+def _fail(name: str, value: Any, allowed: str) -> NoReturn:
     raise ValueError(f"LoraConfig.{name}={value!r} is invalid: {allowed}")
 
 
@@ -49,7 +49,6 @@ def _as_name_list(name: str, value: Any) -> list[str] | str | None:
             _fail(name, value, "expected non-empty module-name strings")
         return items
     _fail(name, value, "expected a list of module names, a regex string, or None")
-    return None  # unreachable; keeps type checkers calm
 
 
 @dataclass(frozen=True)

@@ -109,17 +109,14 @@ class _Plan:
     warnings: list[str]
 
 
-def _expand_all_linear(model: nn.Module, modules: list[tuple[str, nn.Module]],
-                       config: LoraConfig) -> list[str]:
-    """peft's "all-linear": every Linear/Conv1D by full name, minus the output embedding
-    (or, for sequence classification, the classifier head)."""
+def _expand_all_linear(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[str]:
+    """peft's "all-linear": every Linear/Conv1D by full name, minus the output embedding. (A
+    SEQ_CLS head needs no rule here: it is in modules_to_save, which is never a LoRA target.)"""
     linear = [n for n, m in modules if lora_layer_class(_base_type(m)) in (LoraLinear, LoraConv1D)]
     skip: set[str] = set()
     out_emb = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if isinstance(out_emb, nn.Module):
         skip.update(n for n, m in modules if m is out_emb or _base_type(m) is out_emb)
-    elif config.task_type == "SEQ_CLS":
-        skip.update(n for n, _ in modules if n in _SEQ_CLS_HEADS)
     return [n for n in linear if n not in skip]
 
 
@@ -157,7 +154,7 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
         raise ValueError("LoraConfig.target_modules is None: name the modules to adapt, e.g. "
                          "targets=['q_proj', 'v_proj'], a regex string, or 'all-linear'")
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = _expand_all_linear(model, modules, config)
+        targets = _expand_all_linear(model, modules)
     save_names = _modules_to_save(config, names)
     matching = config if save_names == (config.modules_to_save or []) else config.replace(modules_to_save=save_names)
 
@@ -186,10 +183,9 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
                              "an Embedding; exclude it or set lora_bias=False")
         if config.lora_bias and getattr(base, "bias", None) is None:
             notes.append(f"lora_bias=True on {name!r}, which has no bias: this adapter cannot be merged")
-        groups = getattr(base, "groups", 1)
-        if r % groups:
-            raise ValueError(f"target {name!r} is a conv with groups={groups}, and r={r} is not a multiple of it "
-                             "(B is a grouped 1x1 conv, as in peft); choose r divisible by groups or exclude it")
+        problem = cls.rank_problem(base, r)
+        if problem:
+            raise ValueError(f"target {name!r}: {problem}, or exclude it")
         fan_hint = cls is LoraConv1D
         if config.fan_in_fan_out != fan_hint and cls in (LoraLinear, LoraConv1D):
             notes.append(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {name!r} "

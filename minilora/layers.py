@@ -94,8 +94,16 @@ class LoraLayer(nn.Module):
         self.train(base.training)
 
     # ------------------------------------------------------------ adapters
+    @staticmethod
+    def rank_problem(base: nn.Module, r: int) -> str | None:
+        """Why rank ``r`` cannot be used on ``base``, or None (inject asks before building)."""
+        return None
+
     def add_adapter(self, name: str, *, r: int, alpha: float, scaling: float, dropout: float,
                     lora_bias: bool, init: bool | str) -> LoraAdapter:
+        problem = self.rank_problem(self.base_layer, r)
+        if problem:
+            raise ValueError(problem)
         A_shape, B_shape = self.factor_shapes(r)
         adapter = LoraAdapter(A_shape, B_shape, r=r, alpha=alpha, scaling=scaling, dropout=dropout,
                               lora_bias=lora_bias, dtype=_adapter_dtype(self.weight),
@@ -149,17 +157,28 @@ class LoraLayer(nn.Module):
         return out.to(dtype)
 
     # ------------------------------------------------------------ merge
+    def merge_problem(self, names: list[str], keep_original: bool = False) -> str | None:
+        """Why adapters ``names`` cannot be merged into this layer, or None. merge() asks every
+        layer before changing any weight, so a refused merge leaves nothing half merged."""
+        if keep_original and self.original_weights is None and self.merged:
+            return (f"keep_original=True while {self.merged} are already merged without it: the original "
+                    "weight is gone; unmerge(model) first")
+        for name in names:
+            if self.adapters[name].lora_bias is not None and self.bias is None:
+                return f"adapter {name!r} has a lora_bias but the base layer has no bias to merge it into"
+        return None
+
     def merged_weights(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight and bias with ``names`` added, computed in fp32, rounded once."""
+        problem = self.merge_problem(names)
+        if problem:
+            raise ValueError(f"cannot merge: {problem}")
         weight, bias = self.weight.detach(), None if self.bias is None else self.bias.detach()
         for name in names:
             adapter = self.adapters[name]
             # W (bf16) + delta (fp32) computes in fp32 and rounds once: peft's in-place add does the same.
             weight = (weight + self.delta_weight(adapter).to(weight.device)).to(self.weight.dtype)
             if adapter.lora_bias is not None:
-                if bias is None:
-                    raise ValueError(f"cannot merge adapter {name!r}: it has a lora_bias but the base layer "
-                                     "has no bias to merge it into")
                 bias = (bias + adapter.scaling * adapter.lora_bias.detach()).to(self.bias.dtype)
         return weight, bias
 
@@ -167,9 +186,9 @@ class LoraLayer(nn.Module):
         names = [n for n in names if n not in self.merged]
         if not names:
             return
-        if keep_original and self.original_weights is None and self.merged:
-            raise ValueError(f"merge(keep_original=True) while {self.merged} are already merged without it: "
-                             "the original weight is gone; unmerge(model) first")
+        problem = self.merge_problem(names, keep_original)
+        if problem:
+            raise ValueError(f"cannot merge: {problem}")
         if keep_original and self.original_weights is None:
             self.original_weights = (self.weight.detach().to("cpu", copy=True),
                                      None if self.bias is None else self.bias.detach().to("cpu", copy=True))
@@ -314,11 +333,21 @@ class LoraConv(LoraLayer):
     and padding mode (peft drops dilation and padding_mode and crashes); B is a 1x.. conv with the
     base's groups. Weight (out, in // groups, *kernel)."""
 
+    @staticmethod
+    def rank_problem(base, r):
+        if r % base.groups:
+            return (f"r={r} is not a multiple of the conv's groups={base.groups} (B is a grouped 1x1 conv, "
+                    "as in peft); choose r divisible by groups")
+        return None
+
+    def merge_problem(self, names, keep_original=False):
+        if self.base_layer.groups > 1:
+            return (f"LoRA on a grouped conv (groups={self.base_layer.groups}) cannot be merged: A mixes "
+                    "channels across groups, which a grouped weight cannot hold. Use it unmerged")
+        return super().merge_problem(names, keep_original)
+
     def factor_shapes(self, r):
         base = self.base_layer
-        if r % base.groups:
-            raise ValueError(f"rank r={r} must be divisible by the conv's groups={base.groups} "
-                             "(B is a grouped 1x1 conv, as in peft); choose r as a multiple of groups")
         ones = (1,) * (self.weight.dim() - 2)
         return (r, base.in_channels, *base.kernel_size), (base.out_channels, r // base.groups, *ones)
 
@@ -345,10 +374,9 @@ class LoraConv(LoraLayer):
                           full_geometry=False) * adapter.scaling
 
     def delta_weight(self, adapter):
-        groups = self.base_layer.groups
-        if groups > 1:
-            raise ValueError(f"LoRA on a grouped conv (groups={groups}) cannot be merged: A mixes channels "
-                             "across groups, which a grouped weight cannot hold. Use it unmerged")
+        problem = self.merge_problem([])
+        if problem:
+            raise ValueError(problem)
         B = adapter.lora_B.float().flatten(1)  # (out, r)
         return adapter.scaling * torch.einsum("or,r...->o...", B, adapter.lora_A.float())
 

@@ -64,20 +64,6 @@ def _retie(model: nn.Module) -> None:
                 model.config.tie_word_embeddings, layer.untied_flag = True, False
 
 
-def _check_mergeable(name: str, layer: LoraLayer, todo: list[str]) -> None:
-    # What a layer's merge would raise on, checked for every layer before any weight changes, so
-    # a refused merge never leaves the model half merged.
-    groups = getattr(layer.base_layer, "groups", 1)
-    if groups > 1:
-        raise ValueError(f"cannot merge into {name!r}: LoRA on a grouped conv (groups={groups}) cannot be merged "
-                         "(A mixes channels across groups, which the grouped weight cannot hold); nothing was "
-                         "merged. Use it unmerged")
-    for adapter in todo:
-        if layer.adapters[adapter].lora_bias is not None and layer.bias is None:
-            raise ValueError(f"cannot merge adapter {adapter!r} into {name!r}: it has a lora_bias but the base "
-                             "layer has no bias to merge it into; nothing was merged")
-
-
 def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
           adapter_names: Sequence[str] | str | None = None) -> nn.Module:
     """Add the adapters' deltas (s·B@A, computed in fp32, rounded once) into the base weights.
@@ -98,7 +84,9 @@ def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
         todo = [n for n in names if n in layer.adapters and n not in layer.merged]
         if not todo:
             continue
-        _check_mergeable(name, layer, todo)
+        problem = layer.merge_problem(todo, keep_original)
+        if problem:
+            raise ValueError(f"cannot merge into {name!r}: {problem}; nothing was merged")
         if safe:
             weight, bias = layer.merged_weights(todo)
             bad = [t for t, tensor in (("weight", weight), ("bias", bias)) if tensor is not None

@@ -62,6 +62,21 @@ def test_selection_matches_peft(llama, fields, expected):
     assert sorted(peft_targets(build("llama"), **fields)) == sorted(expected)
 
 
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", None])
+def test_all_linear_on_a_classifier_matches_peft(task_type):
+    """all-linear on a sequence classifier (no output embedding): with SEQ_CLS the head is trained
+    in full and so never a LoRA target; without it, it is a Linear like any other (as peft)."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.LlamaForSequenceClassification(tf.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0))
+    fields = dict(target_modules="all-linear", task_type=task_type)
+    ours = minilora.find_targets(model, **fields)
+    assert ("score" in ours) == (task_type is None)
+    assert sorted(peft_targets(model, **fields)) == sorted(ours)
+
+
 def test_list_entry_matches_only_on_dot_boundaries(llama):
     before = snapshot(llama)
     with pytest.raises(ValueError, match=r"no module matches target_modules: 'proj' \(closest: "):
@@ -206,7 +221,7 @@ ERRORS = [
     ("llama", dict(targets=["embed_tokens"], init_lora_weights="pissa"), ValueError,
      r"init_lora_weights='pissa' needs linear layers, but target 'model\.embed_tokens' is a Embedding"),
     ("conv2d_g2", dict(targets=["conv0"], r=3), ValueError,
-     r"target 'conv0' is a conv with groups=2, and r=3 is not a multiple of it"),
+     r"target .conv0.: r=3 is not a multiple of the conv.s groups=2"),
     ("llama", dict(targets=["q_proj"], adapter_name="a.b"), ValueError, r"adapter_name='a\.b' is invalid"),
     ("llama", dict(targets=["q_proj"], adapter_name="__base__"), ValueError, r"adapter_name='__base__' is invalid"),
     ("llama", dict(targets=None), ValueError, r"target_modules is None"),

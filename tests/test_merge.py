@@ -163,7 +163,7 @@ def test_lora_bias_without_base_bias_merge_refused_before_any_change():
         minilora.inject(model, targets=["lin0", "lin1"], lora_bias=True)
     randomize_adapters(model)
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"cannot merge adapter 'default' into 'lin1': it has a lora_bias"):
+    with pytest.raises(ValueError, match=r"cannot merge into 'lin1': adapter 'default' has a lora_bias but the base layer has no bias"):
         minilora.merge(model)
     assert_unchanged(model, before)
 
@@ -321,6 +321,19 @@ def test_keep_original_after_a_plain_merge_is_refused_and_model_unchanged():
     with pytest.raises(ValueError, match="already merged without it"):
         minilora.merge(model, keep_original=True, adapter_names="b")
     assert_unchanged(model, before)
+
+
+def test_keep_original_refusal_on_a_later_layer_leaves_earlier_layers_unmerged():
+    """Adapter b sits on lin1 only and is merged there without keep_original; merging "default"
+    (on lin0 and lin1) with keep_original must be refused before lin0 is touched."""
+    model = minilora.inject(build("mlp"), targets=["lin0", "lin1"], r=4, init_lora_weights=False)
+    minilora.inject(model, targets=["lin1"], r=4, init_lora_weights=False, adapter_name="b")
+    minilora.merge(model, adapter_names="b")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot merge into 'lin1': keep_original=True while \['b'\] are already"):
+        minilora.merge(model, keep_original=True, adapter_names="default")
+    assert_unchanged(model, before)
+    assert model.lin0.merged == [] and model.lin0.original_weights is None
 
 
 def test_fp32_model_under_autocast_matches_the_reference():
