@@ -155,6 +155,40 @@ def test_blocked_merge_equals_merge_and_unload(tmp_path, kind, monkeypatch):
     assert changed >= 4
 
 
+@pytest.mark.parametrize("direction", ["backbone-adapter", "backbone-checkpoint"])
+def test_adapter_and_checkpoint_with_different_prefixes(tmp_path, direction, capsys):
+    """An adapter trained on LlamaModel (names ``layers.0...``) into a LlamaForCausalLM checkpoint
+    (``model.layers.0...``), and an adapter of the causal LM into a LlamaModel checkpoint: the
+    names are mapped, the mapping is reported, and the result is merge_and_unload's."""
+    full = tiny_llama(False)
+    ours = minilora.inject(copy.deepcopy(full), target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)
+    tm.randomize_adapters(ours)
+    want = minilora.merge_and_unload(copy.deepcopy(ours)).state_dict()
+    if direction == "backbone-adapter":
+        full.save_pretrained(tmp_path / "base")
+        backbone = minilora.inject(copy.deepcopy(full.model), target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)
+        backbone.load_state_dict({k.removeprefix("model."): v for k, v in ours.state_dict().items()
+                                  if k.startswith("model.")})
+        save_adapter(backbone, tmp_path / "adapter")  # keys base_model.model.layers.*
+        prefix = "model."
+    else:
+        full.model.save_pretrained(tmp_path / "base")
+        save_adapter(ours, tmp_path / "adapter")  # keys base_model.model.model.layers.*
+        want = {k.removeprefix("model."): v for k, v in want.items() if k.startswith("model.")}
+        prefix = ""
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert any(k.startswith("base_model.model.layers.") for k in f.keys()) == (direction == "backbone-adapter")
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    assert "mapped accordingly" in capsys.readouterr().out
+    got = folder_tensors(tmp_path / "out")
+    assert set(got) == set(want)
+    for key, value in got.items():
+        assert torch.equal(value, want[key]), key
+    assert not torch.equal(got[prefix + "layers.0.self_attn.q_proj.weight"],
+                           full.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
 def test_merge_matches_float64_reference_and_peft(tmp_path):
     """Independent of minilora's own merge: W + s·B@A in float64 from the files, and peft's
     merge_and_unload on the same weights (scaling per rank/alpha pattern, rsLoRA)."""

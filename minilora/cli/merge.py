@@ -98,6 +98,7 @@ class MergeSummary:
     bytes_written: int
     untied: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
+    renamed: tuple[str, str] | None = None  # (old prefix, new prefix) of the adapter's module names
 
 
 # ---------------------------------------------------------------- reading safetensors lazily
@@ -270,6 +271,32 @@ def _not_found(key: str, what: str, tensors: dict[str, _Tensor], base: Path) -> 
     return ValueError(f"adapter does not fit the checkpoint: {what} needs {key!r}, which is not in {base}{hint}")
 
 
+def _align_prefix(modules: dict[str, _LoraModule], replace: dict[str, str], known: set[str]
+                  ) -> tuple[dict[str, _LoraModule], dict[str, str], tuple[str, str] | None]:
+    """An adapter trained on the bare backbone (``LlamaModel``: ``layers.0...``) merged into a
+    checkpoint of the model with a head (``model.layers.0...``), or the other way round: when no
+    adapter name is in the checkpoint as it is, but all of them are after dropping their one
+    common first component or adding one of the checkpoint's first components, use that mapping.
+    Returns the (possibly renamed) modules and replace map, and (old, new) prefix or None."""
+    def fits(strip: str, add: str) -> bool:
+        return (all(add + name[len(strip):] + ".weight" in known for name in modules)
+                and all(add + key[len(strip):] in known for key in replace))
+
+    names = [*modules, *replace]
+    if not names or fits("", ""):
+        return modules, replace, None
+    firsts = {n.split(".", 1)[0] for n in names}
+    candidates = [(next(iter(firsts)) + ".", "")] if len(firsts) == 1 and all("." in n for n in names) else []
+    candidates += [("", head + ".") for head in sorted({k.split(".", 1)[0] for k in known if "." in k})]
+    for strip, add in candidates:
+        if fits(strip, add):
+            for m in modules.values():
+                m.name = add + m.name[len(strip):]
+            return ({m.name: m for m in modules.values()},
+                    {add + k[len(strip):]: v for k, v in replace.items()}, (strip, add))
+    return modules, replace, None
+
+
 def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, config, base) -> None:
     """Check every adapter tensor against the checkpoint before anything is written."""
     def stored(key: str) -> _Tensor | None:
@@ -440,6 +467,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
     # Tied names absent from the checkpoint point at the member that is stored.
     tied_groups = [g for g in groups if sum(k in ck_tensors for k in g) == 1]
     tied_to = {k: next(s for s in g if s in ck_tensors) for g in tied_groups for k in g if k not in ck_tensors}
+    modules, replace, renamed = _align_prefix(modules, replace, set(ck_tensors) | set(tied_to))
     _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, config, base)
     merger = _Merger(ad_tensors, modules, replace, ck_tensors, tied_to)
 
@@ -486,7 +514,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return MergeSummary(out, len(modules), len(replace), total, len(by_shard), written, untied, skipped)
+    return MergeSummary(out, len(modules), len(replace), total, len(by_shard), written, untied, skipped, renamed)
 
 
 # ---------------------------------------------------------------- command line
@@ -506,6 +534,10 @@ def run(args: argparse.Namespace) -> int:
     if s.untied:
         print(f"tied weights {s.untied} now differ from the embedding they were tied to: written separately, "
               "tie_word_embeddings set to false in config.json")
+    if s.renamed:
+        old, new = s.renamed
+        print(f"the adapter's module names start with {old or '(nothing)'!r} where the checkpoint's start with "
+              f"{new or '(nothing)'!r} (trained on the backbone vs the model with a head): mapped accordingly")
     if s.skipped_files:
         print(f"not copied (old-format weight files that would hold unmerged weights): {s.skipped_files}")
     return 0
