@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Union
 
-__all__ = ["LoraConfig", "INIT_SCHEMES", "BIAS_MODES"]
+from minilora.patterns import PatternError, compile_pattern
+
+__all__ = ["LoraConfig", "INIT_SCHEMES", "BIAS_MODES", "RANK_LIMIT", "ALPHA_LIMIT"]
 
 #: Accepted ``init_lora_weights`` values (``True`` is peft's kaiming-uniform default).
 INIT_SCHEMES = ("gaussian", True, False, "pissa", "olora")
@@ -18,25 +19,54 @@ BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
               "FEATURE_EXTRACTION")
 
-# peft fields minilora does not implement, with the value that means "feature off". A config that
-# carries one of them at that value loads fine (the value is kept for the round trip); any other
-# value is refused, because silently ignoring it would give a different model than peft gives.
-_PEFT_FEATURES_OFF: dict[str, Any] = {
-    "use_dora": False, "use_qalora": False, "loftq_config": {}, "megatron_config": None,
-    "layer_replication": None, "trainable_token_indices": None, "eva_config": None,
-    "corda_config": None, "lora_ga_config": None, "velora_config": None,
-    "alora_invocation_tokens": None, "monteclora_config": None, "target_parameters": None,
-    "use_bdlora": None, "arrow_config": None, "kasa_config": None,
-}
-# peft bookkeeping fields with no effect on the model; kept verbatim for the round trip.
-_PEFT_PASSTHROUGH = ("peft_type", "auto_mapping", "peft_version", "revision", "megatron_core",
-                     "runtime_config", "qalora_group_size", "ensure_weight_tying")
+#: The largest rank accepted. B·A has rank at most min(in, out), and no released model has a layer
+#: with both dimensions near 65536; a larger value is a typo (or a hostile file) that would only
+#: fail later inside torch with an unrelated error.
+RANK_LIMIT = 1 << 16
+#: The largest lora_alpha accepted. Published recipes use r to 2r (at most a few thousand); the
+#: bound keeps scaling·B·A far from fp32/bf16 overflow for factors of ordinary size (an alpha of
+#: 1e308 once produced an all-inf merged weight).
+ALPHA_LIMIT = 1e6
 
 Targets = Union[list[str], str, None]
 
+# The peft feature fields above (see the class), and the bookkeeping ones with their types.
+_FEATURES_OFF = ("use_dora", "use_qalora", "loftq_config", "megatron_config", "layer_replication",
+                 "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+                 "alora_invocation_tokens", "monteclora_config", "target_parameters", "use_bdlora",
+                 "arrow_config", "kasa_config")
+_BOOKKEEPING: dict[str, tuple[type, ...]] = {
+    "auto_mapping": (dict, type(None)), "peft_version": (str, type(None)), "revision": (str, type(None)),
+    "megatron_core": (str, type(None)), "qalora_group_size": (int,), "ensure_weight_tying": (bool,),
+}
+_NOT_WRITTEN = ("runtime_config",)  # as peft's to_dict: runtime options never go to a file
+_EMPTY = (None, {}, [])
+
 
 def _fail(name: str, value: Any, allowed: str) -> NoReturn:
-    raise ValueError(f"LoraConfig.{name}={value!r} is invalid: {allowed}")
+    shown = repr(value)
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."  # a file may hold a huge value
+    raise ValueError(f"LoraConfig.{name}={shown} is invalid: {allowed}")
+
+
+def _is_off(value: Any, off: Any) -> bool:
+    """Whether a peft feature field's value means "off": its default, or any empty value where
+    the default is empty (peft writes both ``null`` and ``{}``). Booleans must be booleans."""
+    if isinstance(off, bool):
+        return value is off
+    return value == off or (off in _EMPTY and any(value == e and type(value) is type(e) for e in _EMPTY))
+
+
+def _alpha_ok(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= ALPHA_LIMIT
+
+
+def _check_pattern(name: str, value: Any, pattern: str, what: str) -> None:
+    """``pattern`` (``value`` itself or a part of it) must compile as a regular expression."""
+    try:
+        compile_pattern(pattern)
+    except PatternError as err:
+        _fail(name, value, f"{what}, and {err}")
 
 
 def _as_name_list(name: str, value: Any) -> list[str] | str | None:
@@ -106,16 +136,45 @@ class LoraConfig:
     task_type: str | None = None
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
-    #: peft fields we keep only so that ``to_dict(from_dict(d)) == d``; never read by minilora.
+    # peft's fields for features minilora does not implement, at the value that means "off". Each is
+    # accepted at that value (a no-op, so every peft config builds by changing the import); any
+    # other value is a ValueError: ignoring it would silently build another model than peft's.
+    use_dora: bool = False
+    use_qalora: bool = False
+    loftq_config: dict[str, Any] = field(default_factory=dict)
+    megatron_config: dict[str, Any] | None = None
+    layer_replication: list[Any] | None = None
+    trainable_token_indices: Any = None
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    velora_config: Any = None
+    alora_invocation_tokens: Any = None
+    monteclora_config: Any = None
+    target_parameters: Any = None
+    use_bdlora: Any = None
+    arrow_config: Any = None
+    kasa_config: Any = None
+    # peft's bookkeeping fields: no effect on the model, kept as given for the round trip.
+    # (compare=False: two configs that build the same model are equal.)
+    peft_type: str = field(default="LORA", compare=False)
+    auto_mapping: dict[str, Any] | None = field(default=None, compare=False)
+    peft_version: str | None = field(default=None, compare=False)
+    revision: str | None = field(default=None, compare=False)
+    megatron_core: str | None = field(default="megatron.core", compare=False)
+    qalora_group_size: int = field(default=16, compare=False)
+    ensure_weight_tying: bool = field(default=False, compare=False)
+    runtime_config: Any = field(default=None, compare=False)  # runtime-only; peft never writes it
+    #: fields of newer peft versions that minilora does not know, kept only so that
+    #: ``to_dict(from_dict(d)) == d``; never read by minilora.
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            _fail("r", self.r, "the rank must be a positive integer, e.g. 8 or 16")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
-            _fail("lora_alpha", self.lora_alpha, "must be a positive finite number, e.g. 16 or 32")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 0 < self.r <= RANK_LIMIT:
+            _fail("r", self.r, f"the rank must be an integer from 1 to {RANK_LIMIT}, e.g. 8 or 16")
+        if not _alpha_ok(self.lora_alpha):
+            _fail("lora_alpha", self.lora_alpha, f"must be a number in (0, {ALPHA_LIMIT:g}], e.g. 16 or 32")
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
                 or not 0.0 <= self.lora_dropout < 1.0:
             _fail("lora_dropout", self.lora_dropout, "must be a probability in [0, 1)")
@@ -124,10 +183,7 @@ class LoraConfig:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lower() != "all-linear":
-                try:
-                    re.compile(value)
-                except re.error as err:
-                    _fail(name, value, f"a string is a regular expression and this one does not compile ({err})")
+                _check_pattern(name, value, value, "a string is a regular expression")
         if self.target_modules == []:
             _fail("target_modules", [], "name at least one module, give a regex, or 'all-linear'")
         mts = self.modules_to_save
@@ -135,6 +191,8 @@ class LoraConfig:
             mts = _as_name_list("modules_to_save", mts)
             if isinstance(mts, str):
                 _fail("modules_to_save", mts, "must be a list of module names, e.g. ['lm_head']")
+            for entry in mts:  # peft splices each entry into a regular expression
+                _check_pattern("modules_to_save", mts, entry, "each entry is used as a regular expression")
             set_("modules_to_save", mts)
         if self.bias not in BIAS_MODES:
             _fail("bias", self.bias, f"allowed values are {BIAS_MODES}")
@@ -149,15 +207,16 @@ class LoraConfig:
             if not isinstance(pattern, Mapping):
                 _fail(name, pattern, "must be a dict mapping a module-name pattern to a value")
             for key, value in pattern.items():
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-                if not isinstance(key, str) or not ok or (cast is int and value != int(value)):
-                    kind = "positive integer rank" if cast is int else "positive alpha"
-                    _fail(name, {key: value}, f"each key is a module-name pattern and each value a {kind}")
-                try:
-                    re.compile(key)
-                except re.error as err:
-                    _fail(name, key, f"keys are regular expressions and this one does not compile ({err})")
-            set_(name, {k: cast(v) if cast is int else v for k, v in pattern.items()})
+                if cast is int:  # an integral float (4.0) is read as the int it names
+                    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                        float(value).is_integer() and 0 < value <= RANK_LIMIT
+                    kind = f"an integer rank from 1 to {RANK_LIMIT}"
+                else:
+                    ok, kind = _alpha_ok(value), f"an alpha in (0, {ALPHA_LIMIT:g}]"
+                if not isinstance(key, str) or not ok:
+                    _fail(name, {key: value}, f"each key is a module-name pattern and each value {kind}")
+                _check_pattern(name, key, key, "keys are regular expressions")
+            set_(name, {k: int(v) if cast is int else v for k, v in pattern.items()})
         for name in ("fan_in_fan_out", "lora_bias", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
@@ -165,6 +224,22 @@ class LoraConfig:
         if task not in TASK_TYPES:
             _fail("task_type", self.task_type, f"allowed values are {TASK_TYPES}")
         set_("task_type", task)
+        self._validate_peft_fields()
+
+    def _validate_peft_fields(self) -> None:
+        for name in _FEATURES_OFF:
+            value, off = getattr(self, name), _DEFAULTS[name]
+            if not _is_off(value, off):
+                _fail(name, value, f"{name} switches on a peft feature minilora does not implement; only "
+                                   f"{name}={off!r} (off) is accepted")
+        peft_type = getattr(self.peft_type, "value", self.peft_type) or "LORA"  # peft's enum, or unset
+        if peft_type != "LORA":
+            _fail("peft_type", self.peft_type, "minilora builds only LoRA adapters (peft_type 'LORA')")
+        object.__setattr__(self, "peft_type", peft_type)
+        for name, types in _BOOKKEEPING.items():
+            value = getattr(self, name)
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                _fail(name, value, f"expected {' or '.join(t.__name__ for t in types)}")
 
     def _validate_layers(self) -> None:
         ltt, pattern = self.layers_to_transform, self.layers_pattern
@@ -184,6 +259,8 @@ class LoraConfig:
             items = [pattern] if isinstance(pattern, str) else pattern
             if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
                 _fail("layers_pattern", pattern, "must be a module-name pattern or a list of them, e.g. 'layers'")
+            for item in items:  # peft splices it into a regular expression
+                _check_pattern("layers_pattern", pattern, item, "it is used as a regular expression")
 
     # ----------------------------------------------------------------- derived values
     def scaling_for(self, r: int, alpha: float) -> float:
@@ -197,18 +274,19 @@ class LoraConfig:
     # ----------------------------------------------------------------- peft's JSON
     def to_dict(self) -> dict[str, Any]:
         """peft's ``adapter_config.json`` fields (``"peft_type": "LORA"``), JSON-ready."""
-        out: dict[str, Any] = {"peft_type": "LORA"}
-        out.update(_PEFT_FEATURES_OFF)
-        out.update(self.extra)
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name != "extra":
+            if f.name != "extra" and f.name not in _NOT_WRITTEN:
                 value = getattr(self, f.name)
                 out[f.name] = dict(value) if isinstance(value, dict) else value
+        out.update(self.extra)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LoraConfig":
-        """Build from peft's ``adapter_config.json`` fields.
+        """Build from peft's ``adapter_config.json`` fields (the same validation as the constructor).
+
+        Fields minilora does not know (a newer peft's) are kept in ``extra`` for saving, with a warning.
 
         Raises:
             ValueError: for a non-LoRA ``peft_type``, or a peft feature minilora does not
@@ -216,30 +294,17 @@ class LoraConfig:
                 another model than peft builds.
         """
         data = dict(data)
-        peft_type = data.get("peft_type", "LORA")
+        peft_type = getattr(data.get("peft_type"), "value", data.get("peft_type"))
         if peft_type not in ("LORA", None):
             raise ValueError(f"adapter config has peft_type={peft_type!r}; minilora reads only 'LORA' adapters")
+        data.pop("peft_type", None)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in data.items() if k in names}
-        extra: dict[str, Any] = {}
-        unknown = []
-        for key, value in data.items():
-            if key in names:
-                continue
-            if key in _PEFT_FEATURES_OFF:
-                if value != _PEFT_FEATURES_OFF[key] and not (value in (None, {}, []) and
-                                                             _PEFT_FEATURES_OFF[key] in (None, {}, [])):
-                    raise ValueError(
-                        f"adapter config sets {key}={value!r}, a peft feature minilora does not implement; "
-                        f"only {key}={_PEFT_FEATURES_OFF[key]!r} can be loaded")
-                if value != _PEFT_FEATURES_OFF[key]:
-                    extra[key] = value
-            elif key in _PEFT_PASSTHROUGH:
-                extra[key] = value
-            else:
-                unknown.append(key)
-                extra[key] = value
+        unknown = sorted(k for k in data if k not in names)
         if unknown:
-            warnings.warn(f"adapter config has fields minilora does not know: {sorted(unknown)}; they are "
+            warnings.warn(f"adapter config has fields minilora does not know: {unknown}; they are "
                           "kept unchanged for saving but have no effect", stacklevel=2)
-        return cls(**kwargs, extra=extra)
+        return cls(**{k: v for k, v in data.items() if k in names}, extra={k: data[k] for k in unknown})
+
+
+_DEFAULTS = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+             for f in dataclasses.fields(LoraConfig)}

@@ -1,5 +1,7 @@
 """Which module names a LoraConfig selects: pure functions over names, peft's rules exactly.
 
+Every pattern taken from a config is matched through :mod:`minilora.patterns` (bounded time).
+
 Order (as peft): exclude_modules, then anything inside a modules_to_save module, then
 target_modules (list: exact name or dot-boundary suffix; str: ``re.fullmatch`` on the full name),
 then layers_to_transform / layers_pattern (list targets matched by suffix only).
@@ -10,8 +12,12 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from minilora.config import LoraConfig
+from minilora import patterns
+
+if TYPE_CHECKING:
+    from minilora.config import LoraConfig
 
 __all__ = ["matches_name", "is_excluded", "is_target", "layer_index", "pattern_key",
            "inside_modules_to_save", "closest_names", "unmatched_targets"]
@@ -23,7 +29,7 @@ def matches_name(name: str, keys: Sequence[str]) -> bool:
 
 
 def _matches_spec(name: str, spec: Sequence[str] | str) -> bool:
-    return bool(re.fullmatch(spec, name)) if isinstance(spec, str) else matches_name(name, spec)
+    return patterns.fullmatch(spec, name) if isinstance(spec, str) else matches_name(name, spec)
 
 
 def is_excluded(name: str, config: LoraConfig) -> bool:
@@ -32,18 +38,18 @@ def is_excluded(name: str, config: LoraConfig) -> bool:
 
 def inside_modules_to_save(name: str, modules_to_save: Sequence[str] | None) -> bool:
     """True for a modules_to_save module and everything below it (peft's ``(^|.*\\.)m($|\\..*)``)."""
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or ())
+    return any(patterns.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or ())
 
 
 def layer_index(name: str, layers_pattern: Sequence[str] | str | None) -> int | None:
     """The layer number in ``name``: the first number after ``layers_pattern``, or without a
     pattern the first numbered path segment (``model.layers.3.mlp`` -> 3)."""
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)  # a fixed pattern, no config text in it
     else:
         match = None
         for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = patterns.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
             if match:
                 break
     return int(match.group("idx")) if match else None
@@ -58,7 +64,7 @@ def is_target(name: str, config: LoraConfig, targets: Sequence[str] | str | None
     if targets is None or is_excluded(name, config) or inside_modules_to_save(name, config.modules_to_save):
         return False
     if isinstance(targets, str):
-        return bool(re.fullmatch(targets, name))
+        return patterns.fullmatch(targets, name)
     if name in targets:
         return True  # an exact full name is taken as is (peft skips layers_to_transform here)
     if not any(name.endswith("." + key) for key in targets):
@@ -75,7 +81,7 @@ def is_target(name: str, config: LoraConfig, targets: Sequence[str] | str | None
 def pattern_key(keys: Iterable[str], name: str) -> str | None:
     """The first rank/alpha-pattern key that matches ``name`` (peft's ``(.*\\.)?(key)$``)."""
     for key in keys:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if patterns.match(rf"(.*\.)?({key})$", name):
             return key
     return None
 

@@ -15,36 +15,50 @@ peft = pytest.importorskip("peft")
 
 # (field, bad value, words the message must contain besides the field and the value)
 BAD_VALUES = [
-    ("r", 0, "positive integer"),
-    ("r", -4, "positive integer"),
-    ("r", 2.5, "positive integer"),
-    ("r", True, "positive integer"),
-    ("lora_alpha", 0, "positive finite"),
-    ("lora_alpha", float("nan"), "positive finite"),
-    ("lora_alpha", float("inf"), "positive finite"),
+    ("r", 0, "integer from 1 to 65536"),
+    ("r", -4, "integer from 1 to 65536"),
+    ("r", 2.5, "integer from 1 to 65536"),
+    ("r", True, "integer from 1 to 65536"),
+    ("r", 10**30, "integer from 1 to 65536"),  # was torch's TypeError at inject
+    ("lora_alpha", 0, r"number in \(0, 1e\+06\]"),
+    ("lora_alpha", float("nan"), r"number in \(0, 1e\+06\]"),
+    ("lora_alpha", float("inf"), r"number in \(0, 1e\+06\]"),
+    ("lora_alpha", 1e308, r"number in \(0, 1e\+06\]"),  # was accepted: an all-inf merged weight
     ("lora_dropout", 1.0, r"\[0, 1\)"),
     ("lora_dropout", -0.1, r"\[0, 1\)"),
     ("target_modules", [], "at least one module"),
     ("target_modules", ["q_proj", 3], "module-name strings"),
-    ("target_modules", "q_proj[", "does not compile"),
+    ("target_modules", "q_proj[", "not a valid regular expression"),
     ("target_modules", 7, "list of module names"),
-    ("exclude_modules", "(", "does not compile"),
+    ("exclude_modules", "(", "not a valid regular expression"),
     ("modules_to_save", "lm_head", r"list of module names"),
+    ("modules_to_save", ["head("], "used as a regular expression"),
     ("bias", "some", r"\('none', 'all', 'lora_only'\)"),
     ("use_rslora", "yes", "True or False"),
     ("init_lora_weights", "loftq", "allowed values"),
     ("init_lora_weights", "kaiming", "allowed values"),
     ("layers_to_transform", -1, "non-negative"),
     ("layers_to_transform", [0, "1"], "non-negative"),
-    ("rank_pattern", {"q_proj": 0}, "positive integer rank"),
-    ("rank_pattern", {"q_proj": 2.5}, "positive integer rank"),
+    ("rank_pattern", {"q_proj": 0}, "integer rank from 1 to 65536"),
+    ("rank_pattern", {"q_proj": 2.5}, "integer rank from 1 to 65536"),
+    ("rank_pattern", {"q_proj": 2**20}, "integer rank from 1 to 65536"),
     ("rank_pattern", ["q_proj"], "dict"),
-    ("rank_pattern", {"(": 4}, "does not compile"),
-    ("alpha_pattern", {"q_proj": -1}, "positive alpha"),
+    ("rank_pattern", {"(": 4}, "not a valid regular expression"),
+    ("alpha_pattern", {"q_proj": -1}, r"alpha in \(0, 1e\+06\]"),
+    ("alpha_pattern", {"q_proj": 1e300}, r"alpha in \(0, 1e\+06\]"),
     ("fan_in_fan_out", 1, "True or False"),
     ("lora_bias", "no", "True or False"),
     ("inference_mode", None, "True or False"),
     ("task_type", "CLASSIFY", "allowed values"),
+    # peft features minilora does not implement: accepted off, refused on (also by the constructor)
+    ("use_dora", True, "peft feature minilora does not implement; only use_dora=False"),
+    ("use_qalora", True, "only use_qalora=False"),
+    ("target_parameters", ["experts.gate_up_proj"], "only target_parameters=None"),
+    ("trainable_token_indices", [0, 1], "only trainable_token_indices=None"),
+    ("layer_replication", [[0, 2]], "only layer_replication=None"),
+    ("loftq_config", {"loftq_bits": 4}, r"only loftq_config=\{\}"),
+    ("peft_type", "IA3", "only LoRA adapters"),
+    ("qalora_group_size", "16", "expected int"),
 ]
 
 
@@ -132,13 +146,37 @@ def test_peft_round_trip_keeps_meaning_and_keys(fields):
     assert LoraConfig.from_dict(out) == ours
 
 
-@pytest.mark.parametrize("key,value", [("use_dora", True), ("use_qalora", True),
-                                       ("layer_replication", [[0, 2]]), ("target_parameters", ["w"])])
-def test_unimplemented_peft_feature_is_refused(key, value):
+def _peft_default(name):
+    f = next(f for f in dataclasses.fields(peft.LoraConfig) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(peft.LoraConfig)])
+def test_every_peft_field_is_accepted_by_the_constructor_and_from_dict(name):
+    # peft's own default for every field it has: `LoraConfig(..., use_dora=False)` once raised a
+    # TypeError while from_dict accepted it. A field minilora does not implement is a no-op there.
+    value = _peft_default(name)
+    base = {} if name == "target_modules" else {"target_modules": ["q_proj"]}
+    built = LoraConfig(**base, **{name: value})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a peft field is never "unknown"
+        assert LoraConfig.from_dict({**base, name: value}) == built
+    if name not in MEANING:
+        assert built == LoraConfig(**base) and built.to_dict().keys() == LoraConfig(**base).to_dict().keys()
+
+
+@pytest.mark.parametrize("key,value", [("use_dora", True), ("use_qalora", True), ("layer_replication", [[0, 2]]),
+                                       ("target_parameters", ["w"]), ("trainable_token_indices", {"emb": [1]}),
+                                       ("eva_config", {"rho": 2.0})])
+def test_unimplemented_peft_feature_is_refused_by_both_paths(key, value):
     data = peft.LoraConfig(target_modules=["q_proj"]).to_dict()
     data[key] = value
-    with pytest.raises(ValueError, match=rf"sets {key}=.*does not implement; only {key}="):
+    message = rf"LoraConfig\.{key}=.* is invalid: {key} switches on a peft feature minilora does not implement; " \
+              rf"only {key}=.* \(off\) is accepted"
+    with pytest.raises(ValueError, match=message):
         LoraConfig.from_dict(data)
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(target_modules=["q_proj"], **{key: value})
 
 
 def test_non_lora_peft_type_is_refused():
