@@ -21,8 +21,9 @@ File keys are peft's model keys with the adapter name dropped and ``base_model.m
 Loading validates everything before the model is touched: the config, the file's integrity, the
 key set, every shape (against a structural copy of the model on the meta device with the adapter
 injected, so the expected shapes come from the same code that will build the adapter), dtypes and
-finiteness. Only then is the adapter injected and filled. Pickle is never read unless asked for,
-and then only through ``torch.load(weights_only=True)``.
+finiteness after the cast. Only then is the adapter injected and filled. Reading and checking the
+files is ``minilora.peft_format``'s, shared with the offline merge. Pickle is never read unless
+asked for, and then only through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import copy
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -40,30 +40,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from minilora import atomic
 from minilora.config import LoraConfig
 from minilora.inject import _walk, inject, lora_layers, lora_state
 from minilora.layers import LoraEmbedding, LoraLayer
 from minilora.modules_to_save import ModulesToSave
+from minilora.patterns import PatternError, time_budget
+from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME,
+                                  AdapterFileError, check_tensor, config_digest, read_config_file, read_header,
+                                  read_tensor, safetensors_bytes)
 
 __all__ = ["AdapterFileError", "save_adapter", "load_adapter", "adapter_state_dict", "gather_tensors",
            "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX"]
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> your model, in every peft file key
-
-# LoraAdapter parameter -> peft's key suffix, by whether the layer is an Embedding. peft keeps
-# embedding factors as bare Parameters (no ".weight") and has no lora_bias for embeddings.
-_FACTOR_KEYS: dict[bool, dict[str, str]] = {
-    False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias"},
-    True: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
-}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class AdapterFileError(ValueError):
-    """An adapter folder or file that cannot be loaded as it is (the message says what and why)."""
 
 
 # ---------------------------------------------------------------- which tensor goes where
@@ -78,7 +66,7 @@ def _peft_names(model: nn.Module) -> dict[str, tuple[str, str | None]]:
     names: dict[str, tuple[str, str | None]] = {}
     for name, module in _walk(model):
         if isinstance(module, LoraLayer):
-            suffixes = _FACTOR_KEYS[isinstance(module, LoraEmbedding)]
+            suffixes = FACTOR_KEYS[isinstance(module, LoraEmbedding)]
             for key in module.state_dict(keep_vars=True):
                 head, _, rest = key.partition(".")
                 if head == "adapters":
@@ -210,36 +198,10 @@ def _config_json(model: nn.Module, config: LoraConfig) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _weights_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-    return save(dict(tensors), metadata={"format": "pt"})
-
-
-def _write_bytes(handle, data: bytes) -> None:
-    handle.write(data)
-
-
-def _stage(folder: str, final_name: str, data: bytes) -> str:
-    """Write ``data`` to a fsynced temporary file next to ``final_name``; returns its path."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{final_name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            _write_bytes(handle, data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _fsync_dir(folder: str) -> None:
-    with contextlib.suppress(OSError):  # not every OS/file system lets a folder be fsynced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _weights_bytes(tensors: Mapping[str, torch.Tensor], config_bytes: bytes) -> bytes:
+    # The digest ties this file to the config written beside it (see load_adapter).
+    digest = config_digest(json.loads(config_bytes))
+    return safetensors_bytes(tensors, {"format": "pt", DIGEST_KEY: digest})
 
 
 def _check_folder_name(name: str) -> None:
@@ -252,11 +214,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     """Write adapters in peft's format: ``"default"`` into ``path``, any other into ``path/<name>``.
 
     ``adapter_name=None`` saves every adapter of the model (as peft's ``save_pretrained``).
-    Atomic: every file of every adapter is first written to a fsynced temporary file in its final
-    folder; only when all are written are they renamed over the old ones (``os.replace``), config
-    last. An exception before that leaves the previous files as they were and no temporary file
-    behind. (A power cut exactly between two renames can pair a new weights file with an old
-    config; the loader then reports the mismatch if the shapes differ.)
+
+    Every folder either keeps its previous adapter or holds the new one, or (a process killed
+    between the renames of its two files) is refused by ``load_adapter``; it never loads as a
+    mix. How: every file is first written to a fsynced temporary file beside its final name
+    (``minilora.atomic``); only when all are written are they renamed over the old ones, weights
+    before config; the weights file's metadata carries a digest of the config written with it,
+    which ``load_adapter`` checks. An exception before the renames leaves the previous files as
+    they were and no temporary behind; temporaries of a killed save are removed by the next save
+    into the same folder. New files get the umask's mode (0644 under umask 022); overwritten files
+    keep theirs.
 
     A model sharded with FSDP2 (``fully_shard``): call this on every rank with
     ``is_main_process=(rank == 0)``; only the adapter tensors are all-gathered, and only the main
@@ -276,10 +243,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     payloads = []  # (folder, {file name: bytes}); everything is serialised before any disk write
     for name in names:
         folder = os.fspath(path) if name == "default" else os.path.join(os.fspath(path), name)
-        payloads.append((folder, {WEIGHTS_NAME: _weights_bytes(adapter_state_dict(model, name)),
-                                  CONFIG_NAME: _config_json(model, state.configs[name])}))
+        config_bytes = _config_json(model, state.configs[name])
+        payloads.append((folder, {WEIGHTS_NAME: _weights_bytes(adapter_state_dict(model, name), config_bytes),
+                                  CONFIG_NAME: config_bytes}))
     if not is_main_process:  # a sharded model's other ranks: they took part in the gathers above
         return
+    atomic.remove_stale_temporaries(os.fspath(path), subfolders=True)
     created: list[str] = []
     staged: list[tuple[str, str]] = []  # (temporary path, final path)
     try:
@@ -291,7 +260,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                     missing = os.path.dirname(missing)
                 os.makedirs(folder, exist_ok=True)
             for file_name, data in files.items():  # weights first, config last
-                staged.append((_stage(folder, file_name, data), os.path.join(folder, file_name)))
+                staged.append((atomic.stage(folder, file_name, data), os.path.join(folder, file_name)))
     except BaseException:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
@@ -300,52 +269,32 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
-    for tmp, final in staged:
-        os.replace(tmp, final)
-    for folder in dict.fromkeys(folder for folder, _ in payloads):
-        _fsync_dir(folder)
+    atomic.commit(staged)
 
 
 # ---------------------------------------------------------------- reading and validating
-def _read_config(folder: str) -> LoraConfig:
-    config_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        hint = "" if os.path.isdir(folder) else " (the folder itself does not exist)"
-        raise AdapterFileError(f"{config_path} is missing{hint}; an adapter folder holds {CONFIG_NAME} "
-                               f"and {WEIGHTS_NAME}, as written by save_adapter or peft's save_pretrained")
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"{config_path} is not valid JSON ({err}); expected peft's adapter config") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{config_path} holds a JSON {type(data).__name__}, expected an object with "
-                               "peft's LoraConfig fields")
-    peft_type = data.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterFileError(f"{config_path} has peft_type={peft_type!r}; minilora loads only LoRA adapters "
-                               "(peft_type 'LORA')")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # unknown fields are kept for the round trip
-            return LoraConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise AdapterFileError(f"{config_path}: {err}") from None
+class _FileTensor:
+    """A tensor of the weights file: dtype and shape known up front, values read on demand."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], load: Any) -> None:
+        self.dtype, self.shape, self.load = dtype, tuple(shape), load
 
 
-def _read_weights(folder: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _weights(folder: str, config_data: Mapping[str, Any], allow_pickle: bool) -> tuple[str, dict[str, _FileTensor]]:
+    """The weights file's path and its tensors (nothing but the header read yet, for safetensors)."""
     weights_path = os.path.join(folder, WEIGHTS_NAME)
     pickle_path = os.path.join(folder, PICKLE_NAME)
     if os.path.isfile(weights_path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-        with open(weights_path, "rb") as handle:
-            data = handle.read()
-        try:
-            return load(data)
-        except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
-            raise AdapterFileError(f"{weights_path} is not a readable safetensors file ({err}); it is probably "
-                                   "truncated or corrupt: save the adapter again") from None
+        entries, metadata = read_header(weights_path)
+        digest = metadata.get(DIGEST_KEY)
+        if digest is not None and digest != config_digest(config_data):
+            raise AdapterFileError(
+                f"{weights_path} was saved together with another {CONFIG_NAME} than the one beside it (the digest "
+                f"in its metadata differs): the save that wrote them was interrupted between its two files, or "
+                f"one of them was replaced or edited. Loading would apply the weights with the wrong settings; "
+                f"save the adapter again")
+        return weights_path, {k: _FileTensor(e.torch_dtype, e.shape, lambda e=e: read_tensor(e))
+                              for k, e in entries.items()}
     if os.path.isfile(pickle_path):
         if not allow_pickle:
             raise AdapterFileError(
@@ -358,9 +307,10 @@ def _read_weights(folder: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
             loaded = torch.load(pickle_path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for a bad or unsafe pickle
             raise AdapterFileError(f"{pickle_path} could not be read with torch.load(weights_only=True) ({err})") from None
-        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in loaded.items()):
             raise AdapterFileError(f"{pickle_path} does not hold a dict of tensors")
-        return loaded
+        return pickle_path, {k: _FileTensor(v.dtype, v.shape, lambda v=v: v) for k, v in loaded.items()}
     raise AdapterFileError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter weights are missing")
 
 
@@ -369,8 +319,9 @@ def _list(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _check_tensors(file_path: str, tensors: Mapping[str, torch.Tensor], slots: Mapping[str, str],
-                   optional: Mapping[str, str], expected: Mapping[str, torch.Tensor]) -> None:
+def _checked_values(file_path: str, tensors: Mapping[str, _FileTensor], slots: Mapping[str, str],
+                    optional: Mapping[str, str], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """File key -> its values in the dtype of the model tensor they fill, all checked."""
     # A key may be absent when another present key names the same tensor (tied copies; peft
     # without ensure_weight_tying writes only the output embedding).
     present = {id(expected[slots[k]]) for k in tensors if k in slots}
@@ -382,18 +333,12 @@ def _check_tensors(file_path: str, tensors: Mapping[str, torch.Tensor], slots: M
     if unexpected:
         raise AdapterFileError(f"{file_path} has {len(unexpected)} unexpected key(s): {_list(unexpected)}; "
                                f"the config and this model expect only keys like {_list(list(slots), 2)}")
-    for file_key, tensor in sorted(tensors.items()):  # sorted: the first problem named is stable
-        target = expected[slots.get(file_key) or optional[file_key]]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise AdapterFileError(f"{file_path}: {file_key!r} has shape {tuple(tensor.shape)}, but the module "
-                                   f"it belongs to needs {tuple(target.shape)}")
-        if tensor.dtype not in _FLOAT_DTYPES:
-            raise AdapterFileError(f"{file_path}: {file_key!r} has dtype {tensor.dtype}, which cannot be cast to "
-                                   f"the adapter's {target.dtype}; adapter tensors are floating point")
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise AdapterFileError(f"{file_path}: {file_key!r} has {bad} non-finite value(s) (NaN or inf); "
-                                   "the adapter is broken (diverged training?)")
+    targets = {k: expected[slots.get(k) or optional[k]] for k in sorted(tensors)}  # sorted: stable first error
+    for key, target in targets.items():  # shapes and dtypes first: no tensor data is read for a bad file
+        check_tensor(file_path, key, tensors[key].dtype, tensors[key].shape, target.dtype, tuple(target.shape))
+    return {key: check_tensor(file_path, key, tensors[key].dtype, tensors[key].shape, target.dtype,
+                              tuple(target.shape), load=tensors[key].load)
+            for key, target in targets.items()}
 
 
 def _meta_clone(model: nn.Module) -> nn.Module:
@@ -435,11 +380,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     ``set_adapter``). ``is_trainable=False`` loads it for inference (frozen, as peft).
 
     Everything is checked before the model is touched; on any error the model is exactly as it was.
+    The files are untrusted input: the config's size, the weights file's header and every tensor's
+    shape and dtype are checked before any tensor data is read, tensors are then read one at a
+    time, and the config's regular expressions are matched under a time budget
+    (``minilora.patterns``).
 
     Raises:
-        AdapterFileError: missing or unparsable config, peft_type other than LORA, missing or
-            corrupt weights, a pickle without ``allow_pickle``, missing or unexpected keys, a
-            shape that does not fit (key, expected, found), a non-float dtype, non-finite values.
+        AdapterFileError: missing or unparsable config, peft_type other than LORA, a field value
+            LoraConfig refuses, a pattern that takes too long to match, missing or corrupt weights,
+            a weights file saved with another config (digest mismatch: an interrupted save), a
+            pickle without ``allow_pickle``, missing or unexpected keys, a shape that does not fit
+            (key, expected, found), a non-float dtype, values that are NaN or inf once cast to the
+            dtype of the model tensor they fill.
         ValueError: the adapter name exists already, or the config does not fit the model
             (e.g. its target modules are not in it), as ``inject`` raises.
 
@@ -447,24 +399,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         The same model object.
     """
     folder = os.fspath(path)
-    config = _read_config(folder).replace(inference_mode=not is_trainable)
-    tensors = _read_weights(folder, allow_pickle)
-    file_path = os.path.join(folder, WEIGHTS_NAME if os.path.isfile(os.path.join(folder, WEIGHTS_NAME))
-                             else PICKLE_NAME)
+    config, config_data = read_config_file(folder)
+    config = config.replace(inference_mode=not is_trainable)
+    file_path, tensors = _weights(folder, config_data, allow_pickle)
 
-    dry = _meta_clone(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # they come once, from the real inject below
-        inject(dry, config, adapter_name=adapter_name)
+    try:
+        with time_budget():  # patterns from the file: the dry run bounds their matching time
+            dry = _meta_clone(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # they come once, from the real inject below
+                inject(dry, config, adapter_name=adapter_name)
+    except PatternError as err:
+        raise AdapterFileError(f"{os.path.join(folder, CONFIG_NAME)}: {err}") from None
     slots, optional = _slots(dry, adapter_name), _optional_slots(dry)
-    _check_tensors(file_path, tensors, slots, optional, dry.state_dict(keep_vars=True))
+    values = _checked_values(file_path, tensors, slots, optional, dry.state_dict(keep_vars=True))
     del dry
 
     with _rng_untouched(model):
         inject(model, config, adapter_name=adapter_name)
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for file_key, tensor in tensors.items():
+        for file_key, tensor in values.items():
             target = targets[slots.get(file_key) or optional[file_key]]
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            target.copy_(tensor.to(device=target.device))
     return model

@@ -37,11 +37,11 @@ class PatternError(ValueError):
 
 
 @contextlib.contextmanager
-def time_budget(seconds: float = MATCH_BUDGET_S) -> Iterator[None]:
-    """All matches inside share one deadline ``seconds`` from now. Nested budgets keep the
-    earlier deadline (an inner operation cannot extend its caller's)."""
+def time_budget(seconds: float | None = None) -> Iterator[None]:
+    """All matches inside share one deadline ``seconds`` (default :data:`MATCH_BUDGET_S`) from now.
+    Nested budgets keep the earlier deadline (an inner operation cannot extend its caller's)."""
     outer = _deadline.get()
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + (MATCH_BUDGET_S if seconds is None else seconds)
     token = _deadline.set(deadline if outer is None else min(outer, deadline))
     try:
         yield

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minilora
-from minilora import checkpoint
+from minilora import atomic, checkpoint
 from minilora.inject import lora_state
 from tiny_models import build, randomize_adapters
 
@@ -72,6 +72,17 @@ def _flip_header(folder):
     (folder / WEIGHTS).write_bytes(bytes(data))
 
 
+def _duplicate_header_key(folder):
+    data = (folder / WEIGHTS).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].decode()
+    first = header.index('"base_model.model.lin0')
+    entry_end = header.index("}", first) + 1
+    doubled = header[:entry_end] + "," + header[first:entry_end] + header[entry_end:]
+    doubled += " " * (-len(doubled) % 8)
+    (folder / WEIGHTS).write_bytes(len(doubled).to_bytes(8, "little") + doubled.encode() + data[8 + n:])
+
+
 def _garbage_length(folder):
     data = bytearray((folder / WEIGHTS).read_bytes())
     data[:8] = (10 ** 12).to_bytes(8, "little")
@@ -79,9 +90,11 @@ def _garbage_length(folder):
 
 
 BAD_FILES = {
-    "truncated": (_truncate, r"not a readable safetensors file .*truncated or corrupt"),
-    "flipped header bytes": (_flip_header, r"not a readable safetensors file"),
-    "header length too large": (_garbage_length, r"not a readable safetensors file"),
+    "truncated": (_truncate, r"not a valid safetensors file .*truncated or corrupt"),
+    "flipped header bytes": (_flip_header, r"not a valid safetensors file"),
+    "header length too large": (_garbage_length, r"not a valid safetensors file \(it declares a 1000000000000-byte "
+                                                 r"header in a \d+-byte file\)"),
+    "duplicate header key": (_duplicate_header_key, r"not a valid safetensors file .*names 'base_model.model.lin0"),
     "dropped key": (lambda f: _edit_tensors(f, lambda t: t.pop(KEY_A)),
                     r"lacks 1 key\(s\) the config implies: 'base_model.model.lin0.lora_A.weight'"),
     "unexpected key": (lambda f: _edit_tensors(f, lambda t: t.update({"base_model.model.lin9.lora_A.weight":
@@ -91,26 +104,47 @@ BAD_FILES = {
                     r"'base_model.model.lin0.lora_A.weight' has shape \(3, 12\), but the module it belongs to "
                     r"needs \(2, 12\)"),
     "nan": (lambda f: _edit_tensors(f, lambda t: t[KEY_A].view(-1).__setitem__(5, float("nan"))),
-            r"'base_model.model.lin0.lora_A.weight' has 1 non-finite value\(s\)"),
+            r"'base_model.model.lin0.lora_A.weight' has 1 value\(s\) that are NaN or inf as torch.float32"),
+    # D3: finite in the file, inf in the dtype it is used in (fp64 1e300 -> fp32 adapter)
+    "fp64 beyond fp32": (lambda f: _edit_tensors(f, lambda t: t.update({KEY_A: t[KEY_A].double().fill_(1e300)})),
+                         r"'base_model.model.lin0.lora_A.weight' has 24 value\(s\) that are NaN or inf as "
+                         r"torch.float32 .* beyond that dtype's range"),
     "inf in modules_to_save": (lambda f: _edit_tensors(f, lambda t: t["base_model.model.head.bias"].fill_(float("inf"))),
-                               r"'base_model.model.head.bias' has 6 non-finite"),
+                               r"'base_model.model.head.bias' has 6 value\(s\) that are NaN or inf"),
     "int dtype": (lambda f: _edit_tensors(f, lambda t: t.update({KEY_A: torch.ones(2, 12, dtype=torch.int64)})),
-                  r"'base_model.model.lin0.lora_A.weight' has dtype torch.int64, which cannot be cast to the "
-                  r"adapter's torch.float32"),
+                  r"'base_model.model.lin0.lora_A.weight' has dtype torch.int64, but adapter tensors are floating "
+                  r"point \(it would become torch.float32\)"),
     "bool dtype": (lambda f: _edit_tensors(f, lambda t: t.update({KEY_A: torch.ones(2, 12, dtype=torch.bool)})),
-                   r"has dtype torch.bool, which cannot be cast"),
+                   r"has dtype torch.bool, but adapter tensors are floating point"),
+    "uint32 dtype": (lambda f: _edit_tensors(f, lambda t: t.update({KEY_A: torch.ones(2, 12, dtype=torch.uint32)})),
+                     r"has dtype torch.uint32, but adapter tensors are floating point"),
     "missing weights": (lambda f: os.remove(f / WEIGHTS), rf"has {CONFIG} but no {WEIGHTS}"),
     "missing config": (lambda f: os.remove(f / CONFIG), rf"{CONFIG} is missing"),
     "bad json": (lambda f: (f / CONFIG).write_text('{"r": 2,'), r"is not valid JSON"),
+    "deeply nested json": (lambda f: (f / CONFIG).write_text("[" * 200_000 + "]" * 200_000),
+                           r"nests JSON values too deeply to be peft's adapter config"),
+    "huge config": (lambda f: (f / CONFIG).write_bytes(b" " * (16 << 20) + b"{}"),
+                    r"is larger than 16 MiB; peft's adapter config is a few KiB"),
+    "config is a folder": (lambda f: (os.remove(f / CONFIG), os.mkdir(f / CONFIG)), rf"{CONFIG} is missing"),
     "json list": (lambda f: (f / CONFIG).write_text("[1, 2]"), r"holds a JSON list, expected an object"),
     "prefix tuning": (lambda f: _edit_config(f, lambda d: d.update(peft_type="PREFIX_TUNING")),
                       r"peft_type='PREFIX_TUNING'; minilora loads only LoRA adapters"),
     "no peft_type": (lambda f: _edit_config(f, lambda d: d.pop("peft_type")), r"peft_type=None"),
     "bad rank in config": (lambda f: _edit_config(f, lambda d: d.update(r=0)), r"LoraConfig.r=0 is invalid"),
+    "huge rank in config": (lambda f: _edit_config(f, lambda d: d.update(r=10**30)),
+                            r"LoraConfig.r=10{30} is invalid: the rank must be an integer from 1 to 65536"),
+    "huge alpha in config": (lambda f: _edit_config(f, lambda d: d.update(lora_alpha=1e308)),
+                             r"LoraConfig.lora_alpha=1e\+308 is invalid"),
     "dora": (lambda f: _edit_config(f, lambda d: d.update(use_dora=True)),
-             r"use_dora=True, a peft feature minilora does not implement"),
-    "config rank differs from file": (lambda f: _edit_config(f, lambda d: d.update(r=3)),
-                                      r"lora_A.weight' has shape \(2, \d+\), but the module it belongs to needs \(3, \d+\)"),
+             r"use_dora=True is invalid: use_dora switches on a peft feature minilora does not implement"),
+    # D8: a config that is not the one the weights were saved with (a save killed between its two
+    # renames leaves exactly this: new weights, old config)
+    "config changed after save": (lambda f: _edit_config(f, lambda d: d.update(lora_alpha=8)),
+                                  rf"{WEIGHTS} was saved together with another {CONFIG} than the one beside it"),
+    # a peft-written file has no digest: then the shapes catch a config that does not fit
+    "config rank differs from a peft file": (
+        lambda f: (_edit_tensors(f, lambda t: None), _edit_config(f, lambda d: d.update(r=3))),
+        r"lora_A.weight' has shape \(2, \d+\), but the module it belongs to needs \(3, \d+\)"),
 }
 
 
@@ -218,7 +252,7 @@ def test_failed_save_leaves_previous_adapters_and_no_temp_files(tmp_path, monkey
     randomize_adapters(model, seed=9)  # the next save would write different bytes
 
     calls = []
-    real = checkpoint._write_bytes
+    real = atomic._write_all
 
     def write_half_then_fail(handle, data):
         calls.append(len(data))
@@ -227,7 +261,7 @@ def test_failed_save_leaves_previous_adapters_and_no_temp_files(tmp_path, monkey
             raise OSError("disk full")
         real(handle, data)
 
-    monkeypatch.setattr(checkpoint, "_write_bytes", write_half_then_fail)
+    monkeypatch.setattr(atomic, "_write_all", write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         minilora.save_adapter(model, tmp_path)
     assert _files(tmp_path) == before  # same files, same bytes, no temporaries
@@ -239,7 +273,7 @@ def test_failed_save_leaves_previous_adapters_and_no_temp_files(tmp_path, monkey
 def test_failed_first_save_leaves_no_folders(tmp_path, monkeypatch):
     model = minilora.inject(build("mlp"), **CFG)
     minilora.inject(model, targets=["lin1"], adapter_name="b")
-    monkeypatch.setattr(checkpoint, "_write_bytes", lambda handle, data: (_ for _ in ()).throw(OSError("no")))
+    monkeypatch.setattr(atomic, "_write_all", lambda handle, data: (_ for _ in ()).throw(OSError("no")))
     with pytest.raises(OSError):
         minilora.save_adapter(model, tmp_path / "new" / "deeper")
     assert os.listdir(tmp_path) == []

@@ -1,0 +1,136 @@
+"""Writing files so that a reader sees the old version or the new one, never a mix.
+
+Each file is written to a temporary file beside its final name, flushed and fsynced, then renamed
+over the final name (``os.replace``, atomic on one file system). A process killed at any point
+leaves every final file whole (old or new). What a kill can leave behind is temporaries; their
+names carry the writer's process id, and :func:`remove_stale_temporaries` (run by the next write
+into the same folder) removes those of processes that no longer exist.
+
+Modes are as a plain ``open(path, "w")`` would give them: new files get ``0o666`` less the
+umask (0644 under umask 022, so a serving process running as another user can read an adapter),
+and a file that is overwritten keeps its mode.
+
+Guarantees hold for process kills (SIGKILL, OOM). After a power cut or a kernel crash they hold
+only where the file system orders the fsynced data before the rename (ext4 and xfs do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable
+
+__all__ = ["write_file", "commit", "stage", "remove_stale_temporaries", "fsync_folder", "is_temporary"]
+
+_SUFFIX = ".tmp"
+# .<final name>.<pid>.<random>.tmp
+_TEMPORARY = re.compile(r"\.(?P<final>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+
+
+def _write_all(handle, data: bytes) -> None:
+    handle.write(data)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of this module's temporaries."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def stage(folder: str, final_name: str, data: bytes | Callable[[object], None]) -> str:
+    """Write a temporary file beside ``folder/final_name``, fsynced; return its path.
+
+    ``data`` is the bytes, or a function writing them to a binary file handle. The temporary has
+    the mode the final file will have (see the module docstring). On any error it is removed.
+    """
+    final = os.path.join(folder, final_name)
+    tmp = os.path.join(folder, f".{final_name}.{os.getpid()}.{secrets.token_hex(4)}{_SUFFIX}")
+    try:
+        mode = stat.S_IMODE(os.stat(final).st_mode)
+    except FileNotFoundError:
+        mode = None
+    # O_EXCL: never write through a file (or symlink) someone else put at this name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        if mode is not None:
+            os.chmod(tmp, mode)
+        with os.fdopen(fd, "wb") as handle:
+            fd = -1
+            if callable(data):
+                data(handle)
+            else:
+                _write_all(handle, data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        if fd != -1:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def commit(staged: list[tuple[str, str]]) -> None:
+    """Rename each ``(temporary, final)`` pair in order, then fsync the folders involved."""
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    for folder in dict.fromkeys(os.path.dirname(final) for _, final in staged):
+        fsync_folder(folder)
+
+
+def write_file(path: str | os.PathLike, data: bytes | Callable[[object], None]) -> None:
+    """Write one file atomically (see the module docstring)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    remove_stale_temporaries(folder)
+    commit([(stage(folder, name, data), os.path.join(folder, name))])
+
+
+def fsync_folder(folder: str) -> None:
+    with contextlib.suppress(OSError):  # not every OS/file system lets a folder be fsynced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or we cannot tell: leave its files alone
+    return True
+
+
+def remove_stale_temporaries(folder: str, *, subfolders: bool = False) -> list[str]:
+    """Remove temporaries in ``folder`` left by writers that no longer run; returns their paths.
+
+    With ``subfolders``, the immediate sub-folders too, and a sub-folder that held nothing but such
+    temporaries is removed as well (a killed save of a named adapter creates ``folder/<name>/``).
+    Anything not named like one of our temporaries is never touched.
+    """
+    removed: list[str] = []
+    if not os.path.isdir(folder):
+        return removed
+    with os.scandir(folder) as it:
+        items = list(it)
+    for item in items:
+        match = _TEMPORARY.fullmatch(item.name)
+        if match and item.is_file(follow_symlinks=False) and not _alive(int(match["pid"])):
+            with contextlib.suppress(OSError):
+                os.unlink(item.path)
+                removed.append(item.path)
+        elif subfolders and item.is_dir(follow_symlinks=False):
+            inner = remove_stale_temporaries(item.path)
+            removed += inner
+            if inner:
+                with contextlib.suppress(OSError):
+                    os.rmdir(item.path)  # only succeeds when nothing else is in it
+    return removed

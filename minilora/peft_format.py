@@ -1,0 +1,312 @@
+"""peft's adapter files as untrusted input: names, keys, and reading with bounded time and memory.
+
+One home for what both readers need, ``load_adapter`` (into a model) and the offline
+``minilora merge`` (into a checkpoint), so that a file refused by one is refused by the other:
+
+* the file names and peft's key names for LoRA factors;
+* :func:`read_config_file`: ``adapter_config.json`` (size-bounded, depth-safe) into a ``LoraConfig``;
+* :func:`read_header`: a safetensors header, fully validated before any tensor data is read
+  (every dtype, shape and byte range checked against the file's size), with tensors then read one
+  at a time by :func:`read_tensor` with plain file reads;
+* :func:`check_tensor`: one adapter tensor against what it is for (shape, a float dtype, and
+  finite values *after* the cast to the dtype it will have, so an fp64 1e300 is refused for an
+  fp32 adapter and an fp32 1e5 for an fp16 model);
+* :func:`config_digest`: the digest of a config that ``save_adapter`` writes into the weights
+  file's metadata, so that a weights file paired with another config (a save killed between its
+  two renames) is refused instead of loading with the wrong scaling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from minilora.config import LoraConfig
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX", "FACTOR_KEYS", "DIGEST_KEY",
+           "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES", "AdapterFileError", "TensorEntry", "read_json",
+           "read_config_file", "config_digest", "read_header", "read_tensor", "check_tensor", "header_bytes",
+           "tensor_bytes", "safetensors_bytes"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> your model, in every peft file key
+
+#: LoraAdapter parameter -> peft's key suffix, by whether the layer is an Embedding. peft keeps
+#: embedding factors as bare Parameters (no ".weight") and has no lora_bias for embeddings.
+FACTOR_KEYS: dict[bool, dict[str, str]] = {
+    False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias"},
+    True: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
+}
+#: Metadata key of the weights file holding :func:`config_digest` of the config saved with it.
+DIGEST_KEY = "minilora.config_sha256"
+
+#: A real adapter_config.json is a few KiB; 16 MiB bounds the time and memory of reading one.
+MAX_CONFIG_BYTES = 16 << 20
+#: safetensors' own limit on a header (its reader refuses anything larger).
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype -> torch dtype (those torch can hold; others are refused by name).
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E8M0", "float8_e8m0fnu")):
+    if hasattr(torch, _attr):  # newer torch versions
+        _DTYPES[_name] = getattr(torch, _attr)
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder or file that cannot be loaded as it is (the message says what and why)."""
+
+
+# ---------------------------------------------------------------- JSON and the config
+def read_json(path: str | os.PathLike, what: str, limit: int = MAX_CONFIG_BYTES) -> Any:
+    """A JSON file read with its size bounded; every failure is an AdapterFileError naming ``path``.
+
+    Args:
+        what: what the file should hold, for the messages (e.g. "peft's adapter config").
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(limit + 1)
+    except IsADirectoryError:
+        raise AdapterFileError(f"{path} is a folder, expected a file with {what}") from None
+    except OSError as err:
+        raise AdapterFileError(f"{path} cannot be read ({err.strerror or err})") from None
+    if len(raw) > limit:
+        raise AdapterFileError(f"{path} is larger than {limit >> 20} MiB; {what} is a few KiB, so this is not one")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{path} is not valid JSON ({err}); expected {what}") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path} nests JSON values too deeply to be {what}") from None
+
+
+def read_config_file(folder: str | os.PathLike) -> tuple[LoraConfig, dict[str, Any]]:
+    """The LoraConfig of an adapter folder, and the JSON object it was built from.
+
+    Raises:
+        AdapterFileError: missing, unreadable, not JSON, not an object, not a LoRA config, or a
+            field value LoraConfig refuses (the message names the file and the field).
+    """
+    import warnings
+
+    path = os.path.join(os.fspath(folder), CONFIG_NAME)
+    if not os.path.isfile(path):
+        hint = "" if os.path.isdir(folder) else " (the folder itself does not exist)"
+        raise AdapterFileError(f"{path} is missing{hint}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}, "
+                               "as written by save_adapter or peft's save_pretrained")
+    data = read_json(path, "peft's adapter config")
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} holds a JSON {type(data).__name__}, expected an object with peft's "
+                               "LoraConfig fields")
+    peft_type = data.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterFileError(f"{path} has peft_type={peft_type!r}; minilora loads only LoRA adapters (peft_type 'LORA')")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown fields are kept for the round trip
+            return LoraConfig.from_dict(data), data
+    except (TypeError, ValueError) as err:  # PatternError is a ValueError
+        raise AdapterFileError(f"{path}: {err}") from None
+
+
+# Fields that only describe where an adapter came from or how to open it: editing them by hand
+# must not make the weights file refuse its config.
+_NOT_DIGESTED = ("base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping")
+
+
+def config_digest(data: Mapping[str, Any]) -> str:
+    """sha256 of a config's JSON object in canonical form, leaving out provenance-only fields."""
+    kept = {k: v for k, v in data.items() if k not in _NOT_DIGESTED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- safetensors, lazily
+@dataclass
+class TensorEntry:
+    """Where one tensor's bytes lie in a safetensors file, and what they are (from the header)."""
+
+    file: str
+    key: str
+    dtype: str                  # safetensors' name, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int                  # absolute byte offset of the data
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+def _fail(path: str, why: str) -> AdapterFileError:
+    return AdapterFileError(f"{path} is not a valid safetensors file ({why}); it is probably truncated or corrupt")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the header names {key!r} twice")
+        out[key] = value
+    return out
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Every tensor's entry and the metadata of a safetensors file, without reading tensor data.
+
+    The whole layout is validated here, so that reading a tensor later cannot fail or read
+    outside its range: a header of at most :data:`MAX_HEADER_BYTES`, known dtypes, shapes of
+    non-negative ints whose byte size equals the tensor's range, ranges that tile the data region
+    exactly, and a file exactly as long as the header says.
+
+    Raises:
+        AdapterFileError: what is wrong, naming the file (and the tensor).
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise _fail(path, f"it is {size} bytes long, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise _fail(path, f"it declares a {n}-byte header in a {size}-byte file")
+        raw = handle.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise _fail(path, f"its header is not a JSON object: {err}") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail(path, "its __metadata__ is not a map of strings")
+    entries: dict[str, TensorEntry] = {}
+    spans = []
+    for key, info in header.items():
+        entries[key] = entry = _entry(path, key, info, 8 + n)
+        spans.append((entry.start, entry.start + entry.nbytes, key))
+    expected = 8 + n
+    for begin, end, key in sorted(spans):
+        if begin != expected:
+            raise _fail(path, f"tensor {key!r} starts at data byte {begin - 8 - n}, but the previous tensor ends "
+                              f"at {expected - 8 - n} (tensors must tile the data without gaps or overlaps)")
+        expected = end
+    if expected != size:
+        raise _fail(path, f"its tensors end at byte {expected}, but the file has {size} bytes")
+    return entries, metadata
+
+
+def _entry(path: str, key: str, info: Any, data_start: int) -> TensorEntry:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise _fail(path, f"the header entry of {key!r} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise AdapterFileError(f"{path}: tensor {key!r} has dtype {dtype!r}, which minilora cannot read "
+                               f"(known: {', '.join(sorted(_DTYPES))})")
+    ints = lambda xs, n=None: isinstance(xs, list) and (n is None or len(xs) == n) and all(  # noqa: E731
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+    if not ints(shape) or len(shape) > 8 or not ints(offsets, 2) or offsets[0] > offsets[1]:
+        raise _fail(path, f"the header entry of {key!r} has shape {shape!r} and data_offsets {offsets!r}")
+    count = 1
+    for d in shape:
+        count *= d
+    nbytes = count * _DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise _fail(path, f"tensor {key!r} holds {offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs {nbytes}")
+    return TensorEntry(path, key, dtype, tuple(shape), data_start + offsets[0], nbytes)
+
+
+def header_bytes(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:
+    """The bytes before the data of a safetensors file holding ``(key, dtype, shape)`` tensors in
+    that order: the 8-byte header length, then the JSON header padded to 8 bytes, as safetensors
+    lays it out. Metadata keys are sorted (safetensors' own writer orders them at random, which
+    would make two saves of the same adapter differ)."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for key, dtype, shape in layout:
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * dtype.itemsize
+        header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's data as safetensors stores it (little-endian, row-major)."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """A whole safetensors file, tensors in key order: the same bytes for the same tensors."""
+    keys = sorted(tensors)
+    head = header_bytes([(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in keys], metadata)
+    return head + b"".join(tensor_bytes(tensors[k]) for k in keys)
+
+
+def read_tensor(entry: TensorEntry, rows: slice | None = None) -> torch.Tensor:
+    """A tensor (or rows ``rows`` of its dim 0) read with plain file reads.
+
+    No memory map: pages read through a map kept open count as resident memory (measured: the
+    RSS grew by the file size), so a large tensor read in blocks would cost the whole file.
+    """
+    rows = rows if rows is not None else slice(0, entry.shape[0] if entry.shape else 1)
+    count = rows.stop - rows.start
+    row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else entry.nbytes
+    buf = bytearray(row_bytes * count)
+    with open(entry.file, "rb") as handle:
+        handle.seek(entry.start + rows.start * row_bytes)
+        if handle.readinto(buf) != len(buf):
+            raise AdapterFileError(f"{entry.file} ended while reading tensor {entry.key!r}; it changed on disk "
+                                   "while being read, or is truncated")
+    shape = (count, *entry.shape[1:]) if entry.shape else ()
+    if not buf:
+        return torch.empty(shape, dtype=entry.torch_dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(entry.torch_dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------- one adapter tensor
+def check_tensor(where: str, key: str, dtype: torch.dtype, shape: tuple[int, ...], target_dtype: torch.dtype,
+                 target_shape: tuple[int, ...], load: Any = None) -> torch.Tensor | None:
+    """Check one adapter tensor against the tensor it fills; return it cast to ``target_dtype``.
+
+    Shape and dtype are checked from the header; then (when ``load`` is given: a callable that
+    reads the tensor) the values, after the cast, so that nothing finite in the file turns into an
+    inf where it is used.
+
+    Raises:
+        AdapterFileError: a wrong shape, a non-float dtype, or non-finite values after the cast.
+    """
+    if tuple(shape) != tuple(target_shape):
+        raise AdapterFileError(f"{where}: {key!r} has shape {tuple(shape)}, but the module it belongs to needs "
+                               f"{tuple(target_shape)}")
+    if dtype not in _FLOAT_DTYPES:
+        raise AdapterFileError(f"{where}: {key!r} has dtype {dtype}, but adapter tensors are floating point "
+                               f"(it would become {target_dtype})")
+    if load is None:
+        return None
+    tensor = load().to(target_dtype)
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise AdapterFileError(f"{where}: {key!r} has {bad} value(s) that are NaN or inf as {target_dtype} (the "
+                               "dtype they are used in); the adapter is broken (diverged training?) or holds "
+                               "values beyond that dtype's range")
+    return tensor
