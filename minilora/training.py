@@ -21,14 +21,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from minilora import atomic
 from minilora.checkpoint import gather_tensors, save_adapter
 from minilora.inject import _input_requires_grad
+from minilora.peft_format import safetensors_bytes
 
 __all__ = ["require_input_grads", "save_adapter_sharded", "SaveAdapterCallback"]
 
@@ -137,22 +138,13 @@ def _slim_trainer_weights(model: nn.Module, folder: str, is_main_process: bool) 
     tensors = gather_tensors(model, keys)  # collective on a sharded model: every rank calls it
     if not is_main_process:
         return
-    from safetensors.torch import save_file
-
     index = os.path.join(folder, _TRAINER_INDEX)
     stale = [_TRAINER_PICKLE, _TRAINER_INDEX]
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as handle:
             stale += sorted(set(json.load(handle)["weight_map"].values()))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{_TRAINER_WEIGHTS}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(folder, _TRAINER_WEIGHTS))  # the full file is never half-replaced
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # The full file is never half-replaced (minilora.atomic); transformers expects format "pt".
+    atomic.write_file(os.path.join(folder, _TRAINER_WEIGHTS), safetensors_bytes(tensors, {"format": "pt"}))
     for name in stale:
         if name != _TRAINER_WEIGHTS:
             with contextlib.suppress(FileNotFoundError):
