@@ -47,8 +47,8 @@ from minilora.layers import LoraEmbedding, LoraLayer
 from minilora.modules_to_save import ModulesToSave
 from minilora.patterns import PatternError, time_budget
 from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME,
-                                  AdapterFileError, check_tensor, config_digest, read_config_file, read_header,
-                                  read_tensor, safetensors_bytes)
+                                  AdapterFileError, check_digest, check_tensor, config_digest, read_config_file,
+                                  read_header, read_tensor, safetensors_bytes)
 
 __all__ = ["AdapterFileError", "save_adapter", "load_adapter", "adapter_state_dict", "gather_tensors",
            "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX"]
@@ -286,13 +286,7 @@ def _weights(folder: str, config_data: Mapping[str, Any], allow_pickle: bool) ->
     pickle_path = os.path.join(folder, PICKLE_NAME)
     if os.path.isfile(weights_path):
         entries, metadata = read_header(weights_path)
-        digest = metadata.get(DIGEST_KEY)
-        if digest is not None and digest != config_digest(config_data):
-            raise AdapterFileError(
-                f"{weights_path} was saved together with another {CONFIG_NAME} than the one beside it (the digest "
-                f"in its metadata differs): the save that wrote them was interrupted between its two files, or "
-                f"one of them was replaced or edited. Loading would apply the weights with the wrong settings; "
-                f"save the adapter again")
+        check_digest(weights_path, metadata, config_data)
         return weights_path, {k: _FileTensor(e.torch_dtype, e.shape, lambda e=e: read_tensor(e))
                               for k, e in entries.items()}
     if os.path.isfile(pickle_path):

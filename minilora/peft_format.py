@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,8 @@ from minilora.config import LoraConfig
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX", "FACTOR_KEYS", "DIGEST_KEY",
            "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES", "AdapterFileError", "TensorEntry", "read_json",
-           "read_config_file", "config_digest", "read_header", "read_tensor", "check_tensor", "header_bytes",
+           "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor", "check_tensor",
+           "check_finite", "header_bytes",
            "tensor_bytes", "safetensors_bytes"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -304,9 +305,34 @@ def check_tensor(where: str, key: str, dtype: torch.dtype, shape: tuple[int, ...
     if load is None:
         return None
     tensor = load().to(target_dtype)
-    bad = int((~torch.isfinite(tensor)).sum())
+    check_finite(where, key, [tensor], target_dtype)
+    return tensor
+
+
+def check_finite(where: str, key: str, chunks: Iterable[torch.Tensor], target_dtype: torch.dtype) -> None:
+    """Every value of an adapter tensor, given in ``chunks`` (e.g. blocks of rows), is finite once
+    cast to ``target_dtype``, the dtype it is used in.
+
+    Raises:
+        AdapterFileError: how many values are NaN or inf in that dtype.
+    """
+    bad = sum(int((~torch.isfinite(chunk.to(target_dtype))).sum()) for chunk in chunks)
     if bad:
         raise AdapterFileError(f"{where}: {key!r} has {bad} value(s) that are NaN or inf as {target_dtype} (the "
                                "dtype they are used in); the adapter is broken (diverged training?) or holds "
                                "values beyond that dtype's range")
-    return tensor
+
+
+def check_digest(weights_path: str, metadata: Mapping[str, str], config_data: Mapping[str, Any]) -> None:
+    """A weights file saved by minilora names the config it was saved with; refuse another one.
+
+    Raises:
+        AdapterFileError: the config beside the weights is not the one they were saved with.
+    """
+    digest = metadata.get(DIGEST_KEY)
+    if digest is not None and digest != config_digest(config_data):
+        raise AdapterFileError(
+            f"{weights_path} was saved together with another {CONFIG_NAME} than the one beside it (the digest "
+            f"in its metadata differs): the save that wrote them was interrupted between its two files, or "
+            f"one of them was replaced or edited. Loading would apply the weights with the wrong settings; "
+            f"save the adapter again")
