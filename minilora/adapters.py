@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from minilora.config import LoraConfig
-from minilora.inject import BASE_ADAPTER, _swap, _unload, _walk, lora_layers, lora_state, update_trainable
+from minilora.inject import (BASE_ADAPTER, _swap, _unload, _walk, adapter_name_problem, lora_layers, lora_state,
+                             update_trainable)
 from minilora.layers import LoraAdapter, LoraConv, LoraLayer
 from minilora.modules_to_save import ModulesToSave
 from minilora.rows import RowAdapters
@@ -216,10 +217,11 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     fresh copy of the original module).
 
     Raises:
-        ValueError: unknown adapters, an existing ``adapter_name``, weights not matching the
-            adapters or not finite, an unknown combination_type, unequal ranks for "linear",
-            two sources with their own copy of the same modules_to_save module (as peft),
-            a grouped conv (its B cannot hold concatenated ranks), mixed list/regex targets.
+        ValueError: unknown adapters, an existing or invalid ``adapter_name`` (as inject: empty,
+            with a dot, or ``"__base__"``), weights not matching the adapters or not finite, an
+            unknown combination_type, unequal ranks for "linear", two sources with their own copy
+            of the same modules_to_save module (as peft), a grouped conv (its B cannot hold
+            concatenated ranks), mixed list/regex targets.
     """
     state = _state(model, "add_weighted_adapter")
     adapters = [adapters] if isinstance(adapters, str) else list(adapters)
@@ -233,8 +235,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                                                 and math.isfinite(w) for w in weights):
         raise ValueError(f"add_weighted_adapter: weights={weights} must be one finite number per adapter "
                          f"({len(adapters)} adapters)")
-    if adapter_name in state.configs:
-        raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} exists; choose a new name")
+    problem = adapter_name_problem(model, adapter_name)
+    if problem:
+        raise ValueError(f"add_weighted_adapter: {problem}")
     if combination_type not in COMBINATIONS:
         raise ValueError(f"add_weighted_adapter: combination_type={combination_type!r} is not supported; "
                          f"choose one of {sorted(COMBINATIONS)}")

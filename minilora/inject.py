@@ -20,9 +20,11 @@ from minilora.layers import (SUPPORTED_TYPES, LoraConv1D, LoraEmbedding, LoraLay
 from minilora.matching import (closest_names, is_target, matches_name, pattern_key,
                                unmatched_targets)
 from minilora.modules_to_save import ModulesToSave
+from minilora.patterns import time_budget
 
 __all__ = ["inject", "find_targets", "adapted_modules", "lora_layers", "trainable_parameters",
-           "print_trainable_parameters", "unload", "LoraState", "lora_state", "update_trainable"]
+           "print_trainable_parameters", "unload", "LoraState", "lora_state", "update_trainable",
+           "adapter_name_problem", "BASE_ADAPTER"]
 
 BASE_ADAPTER = "__base__"  # the reserved name for "no adapter" in mixed batches
 _SEQ_CLS_HEADS = ("classifier", "score")
@@ -132,14 +134,25 @@ def _modules_to_save(config: LoraConfig, names: list[str]) -> list[str]:
     return wanted
 
 
-def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
+def adapter_name_problem(model: nn.Module, name: object) -> str | None:
+    """Why ``name`` cannot name a new adapter of ``model``, or None. The one check for every way
+    an adapter comes into being (inject, load_adapter through inject, add_weighted_adapter)."""
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
+        # A dot would split the state-dict key (``adapters.<name>.lora_A``); BASE_ADAPTER marks the
+        # rows of per_sample_adapters that run without an adapter, so it must never be one.
+        return (f"adapter_name={name!r} is invalid: use a non-empty string without dots, other than "
+                f"{BASE_ADAPTER!r} (reserved for rows without adapter in per_sample_adapters)")
     state = lora_state(model)
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
-        raise ValueError(f"adapter_name={adapter_name!r} is invalid: use a non-empty name without dots, "
-                         f"other than {BASE_ADAPTER!r}")
-    if state and adapter_name in state.configs:
-        raise ValueError(f"an adapter named {adapter_name!r} is already injected into this model; "
-                         f"use another adapter_name (existing: {sorted(state.configs)}) or delete it first")
+    if state and name in state.configs:
+        return (f"an adapter named {name!r} is already injected into this model; use another adapter_name "
+                f"(existing: {sorted(state.configs)}) or delete it first")
+    return None
+
+
+def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
+    """What inject would do; raises on any problem. The adapter name is checked by the caller
+    (``adapter_name_problem``): a dry run (find_targets) has none."""
+    state = lora_state(model)
     if state and config.bias != "none":
         others = [n for n, c in state.configs.items() if c.bias != "none"]
         if others:
@@ -148,6 +161,7 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
     modules = list(_walk(model))
     names = [n for n, _ in modules if n]
     notes: list[str] = []
+    rewritten: list[tuple[str, list[str]]] = []  # (layer, its adapters) whose base weight pissa/olora rewrites
 
     targets = config.target_modules
     if targets is None:
@@ -171,17 +185,15 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
         key_a = pattern_key(config.alpha_pattern, name)
         r = config.rank_pattern[key_r] if key_r is not None else config.r
         alpha = config.alpha_pattern[key_a] if key_a is not None else config.lora_alpha
-        if config.init_lora_weights in ("pissa", "olora") and cls not in (LoraLinear, LoraConv1D):
-            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} needs linear layers, but target "
-                             f"{name!r} is a {type(base).__name__}")
-        if config.init_lora_weights in ("pissa", "olora") and r > min(base.weight.shape):
-            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} takes r={r} principal directions of "
-                             f"{name!r}, whose weight {tuple(base.weight.shape)} has only {min(base.weight.shape)}; "
-                             "use a smaller r (or rank_pattern) for it")
+        if config.init_lora_weights in ("pissa", "olora"):
+            _check_decomposable(name, module, cls, r, config.init_lora_weights)
+            if isinstance(module, LoraLayer):
+                rewritten.append((name, sorted(module.adapters)))
         if config.lora_bias and cls is LoraEmbedding:  # peft cannot load such an adapter
             raise ValueError(f"lora_bias=True is not supported for embeddings (as in peft), but target {name!r} is "
                              "an Embedding; exclude it or set lora_bias=False")
-        if config.lora_bias and getattr(base, "bias", None) is None:
+        # The module's own bias: an adapted layer holds it, its base_layer's slot is emptied.
+        if config.lora_bias and getattr(module, "bias", None) is None:
             notes.append(f"lora_bias=True on {name!r}, which has no bias: this adapter cannot be merged")
         problem = cls.rank_problem(base, r)
         if problem:
@@ -206,11 +218,36 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
         raise ValueError(f"target_modules={what} selects no module that LoRA can adapt (after exclude_modules, "
                          f"modules_to_save and layers_to_transform); adaptable modules include {linear}")
 
+    if rewritten:
+        others = sorted({a for _, adapters in rewritten for a in adapters})
+        more = f" (and {len(rewritten) - 1} other layers)" if len(rewritten) > 1 else ""
+        notes.append(f"init_lora_weights={config.init_lora_weights!r} replaces the weight of {rewritten[0][0]!r}{more} "
+                     f"by its residual, and adapters {others} already there now add their deltas to that residual "
+                     "(as in peft): their outputs change. Give the PiSSA/OLoRA adapter a model of its own if that "
+                     "is not wanted")
     save = _plan_modules_to_save(modules, names, save_names, config, chosen, notes)
     # LoRA layers of earlier adapters count too: wrapping one would hide it inside the copy.
     lora_names = {t.name for t in chosen} | {n for n, m in modules if isinstance(m, LoraLayer)}
     ties = _tied_groups(modules, save, lora_names)
     return _Plan(chosen, [n for group in ties for n in group if n not in save] + save, ties, notes)
+
+
+def _check_decomposable(name: str, module: nn.Module, cls: type[LoraLayer], r: int, init: str) -> None:
+    """Refuse pissa / olora where they cannot run. ``module`` is the plain module or, when an
+    earlier adapter put LoRA there, its LoRA layer: that holds the current weight itself (its
+    base_layer keeps hyper-parameters only), which is what gets decomposed, as in peft."""
+    if cls not in (LoraLinear, LoraConv1D):
+        raise ValueError(f"init_lora_weights={init!r} needs linear layers, but target {name!r} is a "
+                         f"{type(_base_type(module)).__name__}")
+    shape = tuple(module.weight.shape)
+    if r > min(shape):
+        raise ValueError(f"init_lora_weights={init!r} takes r={r} principal directions of {name!r}, whose weight "
+                         f"{shape} has only {min(shape)}; use a smaller r (or rank_pattern) for it")
+    if isinstance(module, LoraLayer) and module.merged:
+        # peft decomposes the merged weight; with merge(keep_original=True) a later unmerge would
+        # then restore the kept original and drop the residual. Refused rather than half right.
+        raise ValueError(f"init_lora_weights={init!r} on {name!r}, whose weight has adapters {module.merged} merged "
+                         "into it: the decomposition would mix them in; call minilora.unmerge(model) first")
 
 
 def _plan_modules_to_save(modules, names, save_names, config, chosen, notes) -> list[str]:
@@ -277,15 +314,24 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
     only the active adapter's parameters, its modules_to_save copies and the biases its bias mode
     names require grad.
 
+    ``init_lora_weights="pissa"`` / ``"olora"`` on a layer that already carries adapters
+    decomposes its current weight and leaves the residual under them too, as peft does (warns).
+
     Raises:
         ValueError: nothing matches (with the closest existing names), a matched module has an
-            unsupported type, the adapter name exists, ... The model is untouched when it raises.
+            unsupported type, the adapter name exists or is invalid (empty, with a dot, or
+            ``"__base__"``), pissa/olora on a layer with merged adapters, ... The model is
+            untouched when it raises.
 
     Returns:
         The same model object.
     """
     config = _resolve_config(config, targets, fields)
-    plan = _plan(model, config, adapter_name)
+    problem = adapter_name_problem(model, adapter_name)
+    if problem:
+        raise ValueError(problem)
+    with time_budget():  # the config's patterns are matched against every module name
+        plan = _plan(model, config, adapter_name)
     for note in plan.warnings:
         warnings.warn(note, stacklevel=2)
 
@@ -385,7 +431,8 @@ def update_trainable(model: nn.Module) -> None:
 def find_targets(model: nn.Module, config: LoraConfig | None = None, **fields: Any) -> list[str]:
     """The module names ``inject`` would put LoRA on (a dry run; raises as inject would)."""
     config = _resolve_config(config, fields.pop("targets", None), fields)
-    return [t.name for t in _plan(model, config, "__dry_run__").targets]
+    with time_budget():
+        return [t.name for t in _plan(model, config, "__dry_run__").targets]
 
 
 def adapted_modules(model: nn.Module) -> list[str]:

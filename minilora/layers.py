@@ -10,7 +10,9 @@ weights do not move. Adapters live in ``self.adapters[name]`` (a :class:`LoraAda
 
 Forward: ``y = base(x) + Σ_active s · B(A(dropout(x)))``; merged adapters are already in the
 weight and are skipped. The original base module is kept (unregistered) only for its
-hyper-parameters and to be put back by ``unload``.
+hyper-parameters and to be put back by ``unload``. Those hyper-parameters read through the LoRA
+layer under the base's names (``q_proj.out_features``, ``emb.padding_idx``, ``conv.kernel_size``;
+also peft's ``in_features`` / ``out_features`` on every kind), read-only.
 """
 
 from __future__ import annotations
@@ -51,6 +53,27 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
+
+
+def _from_base(attr: str) -> property:
+    """A read-only property giving ``self.base_layer.<attr>``.
+
+    Code written for the plain layer reads its hyper-parameters from whatever sits at its path
+    (transformers' DPR: ``encode_proj.out_features``). A property, not a ``__getattr__`` fallback:
+    torch.compile traces it without a graph break, ``weight`` / ``bias`` stay this layer's own
+    registered parameters, and an assignment raises instead of leaving a stray instance attribute
+    that disagrees with the base and with the adapter factors' shapes.
+    """
+
+    def get(layer: LoraLayer) -> object:
+        return getattr(layer.base_layer, attr)
+
+    def refuse(layer: LoraLayer, value: object) -> None:
+        raise AttributeError(f"{type(layer).__name__} reads {attr!r} from its base {type(layer.base_layer).__name__} "
+                             f"(read-only: the adapter factors are shaped for it); set it on the plain module before "
+                             f"minilora.inject, or after minilora.unload")
+
+    return property(get, refuse, doc=f"The base layer's ``{attr}`` (read-only).")
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -256,6 +279,9 @@ class LoraLayer(nn.Module):
 class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear``: x (..., in) -> (..., out); weight (out, in)."""
 
+    in_features = _from_base("in_features")
+    out_features = _from_base("out_features")
+
     def factor_shapes(self, r):
         out_features, in_features = self.weight.shape
         return (r, in_features), (out_features, r)
@@ -283,6 +309,11 @@ class LoraLinear(LoraLayer):
 class LoraConv1D(LoraLinear):
     """LoRA on transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
 
+    nf = _from_base("nf")  # out
+    nx = _from_base("nx")  # in
+    in_features = _from_base("nx")  # peft's names for them
+    out_features = _from_base("nf")
+
     def factor_shapes(self, r):
         in_features, out_features = self.weight.shape
         return (r, in_features), (out_features, r)
@@ -307,6 +338,15 @@ class LoraEmbedding(LoraLayer):
     """
 
     init_on_A = False
+    num_embeddings = _from_base("num_embeddings")
+    embedding_dim = _from_base("embedding_dim")
+    padding_idx = _from_base("padding_idx")
+    max_norm = _from_base("max_norm")
+    norm_type = _from_base("norm_type")
+    scale_grad_by_freq = _from_base("scale_grad_by_freq")
+    sparse = _from_base("sparse")
+    in_features = _from_base("num_embeddings")  # peft's names for them
+    out_features = _from_base("embedding_dim")
 
     def factor_shapes(self, r):
         num, dim = self.weight.shape
@@ -332,6 +372,19 @@ class LoraConv(LoraLayer):
     """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel, stride, padding, dilation
     and padding mode (peft drops dilation and padding_mode and crashes); B is a 1x.. conv with the
     base's groups. Weight (out, in // groups, *kernel)."""
+
+    in_channels = _from_base("in_channels")
+    out_channels = _from_base("out_channels")
+    kernel_size = _from_base("kernel_size")
+    stride = _from_base("stride")
+    padding = _from_base("padding")
+    dilation = _from_base("dilation")
+    transposed = _from_base("transposed")
+    output_padding = _from_base("output_padding")
+    groups = _from_base("groups")
+    padding_mode = _from_base("padding_mode")
+    in_features = _from_base("in_channels")  # peft's names for them
+    out_features = _from_base("out_channels")
 
     @staticmethod
     def rank_problem(base, r):

@@ -3,6 +3,7 @@ peft on the same weights and against float64 references computed here."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 import minilora
 from minilora.inject import lora_layers, lora_state
-from tiny_models import build, copy_adapter_to_peft, example_inputs, output_of, randomize_adapters
+from tiny_models import (assert_unchanged, build, copy_adapter_to_peft, example_inputs, output_of, randomize_adapters,
+                         snapshot)
 
 peft = pytest.importorskip("peft")
 
@@ -248,7 +250,8 @@ def test_add_weighted_adapter_errors_leave_model_unchanged():
          r"combination_type='ties' is not supported; choose one of \['cat', 'linear', 'svd'\]"),
         (dict(adapters=["default", "b"], weights=[1, 1], combination_type="linear"),
          r"needs adapters of one rank, got \[4, 2\]"),
-        (dict(adapters=["default", "b"], weights=[1, 1], adapter_name="b"), "an adapter named 'b' exists"),
+        (dict(adapters=["default", "b"], weights=[1, 1], adapter_name="b"),
+         r"add_weighted_adapter: an adapter named 'b' is already injected .*existing: \['b', 'default'\]"),
         (dict(adapters=["default", "b"], weights=[1, 1], svd_rank=0), "svd_rank=0 is invalid"),
     ]
     for kwargs, message in cases:
@@ -258,6 +261,22 @@ def test_add_weighted_adapter_errors_leave_model_unchanged():
     assert set(lora_state(ours).configs) == {"default", "b"}
     after = ours.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ["__base__", "a.b", "", 3])
+def test_add_weighted_adapter_checks_the_new_name_as_inject(name):
+    # Regression: add_weighted_adapter skipped inject's name rules. "__base__" became an adapter
+    # that per_sample_adapters rows marked "__base__" silently ran; a dot raised a raw KeyError.
+    ours, _ = _pair()
+    before = snapshot(ours)
+    message = rf"adapter_name={re.escape(repr(name))} is invalid: use a non-empty string without dots, other than " \
+              r"'__base__' \(reserved for rows without adapter in per_sample_adapters\)"
+    with pytest.raises(ValueError, match="add_weighted_adapter: " + message):
+        minilora.add_weighted_adapter(ours, ["default", "b"], [1.0, 1.0], name, combination_type="cat")
+    assert_unchanged(ours, before)
+    with pytest.raises(ValueError, match=message):  # one rule: inject says the same
+        minilora.inject(ours, targets=["q_proj"], adapter_name=name)
+    assert_unchanged(ours, before)
 
 
 def test_weighted_refuses_two_copies_of_one_modules_to_save():

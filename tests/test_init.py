@@ -1,5 +1,6 @@
 """Adapter initialisation: distributions (Kolmogorov-Smirnov), zero factors, a fresh inject is a
-no-op on the output, and pissa / olora move the principal part into the adapter exactly as peft."""
+no-op on the output, and pissa / olora move the principal part into the adapter exactly as peft,
+also on layers that carry adapters already and when a PiSSA adapter is loaded."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from scipy import stats
 
 import minilora
 from minilora.inject import lora_layers
-from tiny_models import build, example_inputs, output_of
+from tiny_models import (assert_unchanged, build, copy_adapter_to_peft, example_inputs, output_of,
+                         randomize_adapters, snapshot)
 
 peft = pytest.importorskip("peft")
 
@@ -151,12 +153,112 @@ def _check_olora_conv1d():
         pm(**inputs)
 
 
+@pytest.mark.parametrize("adapted", [False, True])
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_rank_above_the_matrix_rank_is_refused_before_any_change(init):
-    from tiny_models import assert_unchanged, snapshot
+def test_rank_above_the_matrix_rank_is_refused_before_any_change(init, adapted):
     model = build("mlp")  # head is 20 -> 6: at most 6 directions
+    if adapted:  # the LoRA layer holds the weight now, not its base_layer
+        minilora.inject(model, targets=["head"], r=2)
     before = snapshot(model)
     with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' takes r=8 principal directions of 'head', "
                                          r"whose weight \(6, 20\) has only 6"):
-        minilora.inject(model, targets=["lin0", "head"], r=8, init_lora_weights=init)
+        minilora.inject(model, targets=["lin0", "head"], r=8, init_lora_weights=init, adapter_name="p")
     assert_unchanged(model, before)
+
+
+# ---------------------------------------------------------------- pissa / olora beside other adapters
+FIRST = dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False)
+
+
+def _adapted_pair():
+    """minilora and peft llama models with adapter "default" on q_proj / v_proj, same random factors."""
+    ours = minilora.inject(build("llama"), minilora.LoraConfig(**FIRST))
+    randomize_adapters(ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(build("llama"), peft.LoraConfig(**FIRST))
+    copy_adapter_to_peft(ours, theirs)
+    return ours, theirs.eval()
+
+
+def _weights64(model) -> dict[str, torch.Tensor]:
+    """Every linear weight of the model as it is now, float64 (a LoRA layer holds its own)."""
+    return {n: m.weight.detach().double().clone() for n, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and "adapters" not in n}
+
+
+def _assert_same_as_peft(ours, theirs, adapters):
+    """Same base weights, same factors of every adapter, same outputs with each adapter active."""
+    modules = dict(theirs.base_model.model.named_modules())
+    assert minilora.adapted_modules(ours) == [n for n, m in modules.items() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    for name, layer in lora_layers(ours):
+        theirs_layer = modules[name]
+        torch.testing.assert_close(layer.weight, theirs_layer.base_layer.weight, rtol=1e-6, atol=1e-6)
+        for adapter_name, adapter in layer.adapters.items():
+            torch.testing.assert_close(adapter.lora_A, theirs_layer.lora_A[adapter_name].weight, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(adapter.lora_B, theirs_layer.lora_B[adapter_name].weight, rtol=1e-6, atol=1e-6)
+    inputs = example_inputs("llama", ours)
+    for active in adapters:
+        minilora.set_adapter(ours, active)
+        theirs.base_model.set_adapter(active)  # PeftModel.set_adapter takes one name only
+        with torch.no_grad():
+            torch.testing.assert_close(output_of(ours(**inputs)), output_of(theirs(**inputs)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_second_pissa_olora_adapter_decomposes_the_current_weight_as_peft(init):
+    # peft (LoraLayer.update_layer -> pissa_init / olora_init) decomposes whatever weight the layer
+    # has now and leaves the residual under every adapter of the layer.
+    ours, theirs = _adapted_pair()
+    before = _weights64(ours)
+    second = dict(target_modules=["q_proj", "up_proj"], r=2, lora_alpha=4, init_lora_weights=init)
+    with pytest.warns(UserWarning, match=rf"init_lora_weights='{init}' replaces the weight of "
+                                         r"'model\.layers\.0\.self_attn\.q_proj' \(and 1 other layers\) by its "
+                                         r"residual, and adapters \['default'\] already there"):
+        minilora.inject(ours, minilora.LoraConfig(**second), adapter_name="p")
+    theirs.add_adapter("p", peft.LoraConfig(**second))
+    for name, layer in lora_layers(ours):
+        if "p" in layer.adapters:  # float64: residual + s·B A is the weight the layer had
+            full = layer.weight.double() + layer.delta_weight(layer.adapters["p"]).double()
+            torch.testing.assert_close(full, before[name], rtol=0, atol=1e-5)
+            assert (layer.weight.double() - before[name]).abs().max() > 1e-2  # the residual is not the weight
+    _assert_same_as_peft(ours, theirs, ["default", "p", ["default", "p"]])
+
+
+def test_load_pissa_adapter_reruns_the_decomposition_as_peft(tmp_path):
+    # peft's from_pretrained / load_adapter add the adapter as its config says (init_lora_weights=
+    # "pissa": SVD of the current weight, the residual left in the base), then fill the factors
+    # from the file; also into a layer that carries another adapter.
+    trained = minilora.inject(build("llama"), targets=["q_proj", "up_proj"], r=2, lora_alpha=4,
+                              init_lora_weights="pissa")
+    randomize_adapters(trained)  # as after training
+    minilora.save_adapter(trained, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh_theirs = peft.PeftModel.from_pretrained(build("llama"), str(tmp_path)).eval()
+    fresh = minilora.load_adapter(build("llama"), tmp_path)
+    torch.testing.assert_close(fresh.model.layers[0].self_attn.q_proj.weight,
+                               trained.model.layers[0].self_attn.q_proj.weight)  # the residual, not the original
+    _assert_same_as_peft(fresh, fresh_theirs, ["default"])
+
+    ours, theirs = _adapted_pair()
+    with pytest.warns(UserWarning, match=r"init_lora_weights='pissa' replaces the weight of .*adapters \['default'\]"):
+        minilora.load_adapter(ours, tmp_path, adapter_name="p")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: "PiSSA changes the base weights of the model ..."
+        theirs.load_adapter(str(tmp_path), adapter_name="p")
+    _assert_same_as_peft(ours, theirs, ["default", "p"])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_on_a_layer_with_merged_adapters_refused(init):
+    # peft decomposes the merged weight; after merge(keep_original=True) an unmerge would then put
+    # the kept original back and drop the residual. Refused, model untouched.
+    ours, _ = _adapted_pair()
+    minilora.merge(ours)
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' on 'model\.layers\.0\.self_attn\.q_proj', "
+                                         r"whose weight has adapters \['default'\] merged into it.*"
+                                         r"minilora\.unmerge\(model\) first"):
+        minilora.inject(ours, targets=["q_proj"], r=2, init_lora_weights=init, adapter_name="p")
+    assert_unchanged(ours, before)

@@ -259,6 +259,14 @@ def test_same_adapter_name_twice(llama):
     assert_unchanged(llama, before)
 
 
+def test_find_targets_creates_no_adapter_name(llama):
+    # Regression: the dry run checked a made-up adapter name, so a model that had an adapter of
+    # that name could not be asked what a config selects.
+    minilora.inject(llama, targets=["q_proj"], adapter_name="__dry_run__")
+    assert minilora.find_targets(llama, targets=["v_proj"]) == ["model.layers.0.self_attn.v_proj",
+                                                                  "model.layers.1.self_attn.v_proj"]
+
+
 def test_second_bias_mode_adapter_refused(llama):
     minilora.inject(llama, targets=["q_proj"], bias="all")
     before = snapshot(llama)
@@ -374,6 +382,18 @@ def test_lora_bias_on_an_embedding_refused_and_on_biasless_layer_warns():
         peft.get_peft_model(build("embed_conv1d"), peft.LoraConfig(target_modules=["emb"], lora_bias=True))
     with pytest.warns(UserWarning, match=r"lora_bias=True on 'lin1', which has no bias: this adapter cannot be merged"):
         minilora.inject(build("mlp"), targets=["lin0", "lin1"], lora_bias=True)
+
+
+def test_lora_bias_on_an_already_adapted_layer_sees_its_bias():
+    # Regression: the check read the base_layer's bias slot, which inject empties (the LoRA layer
+    # holds the bias), so a second adapter warned "has no bias" on a layer that has one.
+    model = minilora.inject(build("mlp"), targets=["lin0", "lin1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        minilora.inject(model, targets=["lin0", "lin1"], lora_bias=True, adapter_name="b")
+    assert [str(w.message) for w in caught] == [
+        "lora_bias=True on 'lin1', which has no bias: this adapter cannot be merged"]
+    assert model.lin0.merge_problem(["b"]) is None  # lin0's lora_bias can merge into its bias
 
 
 def test_lora_only_bias_follows_each_layers_own_active_adapters():
