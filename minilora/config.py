@@ -116,6 +116,11 @@ class LoraConfig:
             and keeps "all-linear" off them.
         inference_mode: adapters are frozen after inject/load.
         base_model_name_or_path: written into adapter_config.json.
+        use_dora, use_qalora, loftq_config, target_parameters, trainable_token_indices, ...: every
+            other field of ``peft.LoraConfig``, for features minilora does not implement; accepted
+            at the value that switches the feature off (a no-op), refused (ValueError) otherwise.
+        peft_type, peft_version, revision, auto_mapping, ...: peft's bookkeeping; kept for the
+            round trip, no effect.
     """
 
     r: int = 8
@@ -171,6 +176,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        # Bounded, so a hostile or mistyped file fails here rather than deep inside torch.
         if isinstance(self.r, bool) or not isinstance(self.r, int) or not 0 < self.r <= RANK_LIMIT:
             _fail("r", self.r, f"the rank must be an integer from 1 to {RANK_LIMIT}, e.g. 8 or 16")
         if not _alpha_ok(self.lora_alpha):
