@@ -299,6 +299,9 @@ class LoraConfig:
                 implement switched on (e.g. ``use_dora=True``): loading it would silently give
                 another model than peft builds.
         """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"LoraConfig.from_dict needs a dict of peft's LoraConfig fields, got a "
+                             f"{type(data).__name__}")
         data = dict(data)
         peft_type = getattr(data.get("peft_type"), "value", data.get("peft_type"))
         if peft_type not in ("LORA", None):

@@ -31,7 +31,7 @@ import torch
 from minilora.config import LoraConfig
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX", "FACTOR_KEYS", "DIGEST_KEY",
-           "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES", "AdapterFileError", "TensorEntry", "read_json",
+           "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "AdapterFileError", "TensorEntry", "read_json",
            "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor", "check_tensor",
            "check_finite", "header_bytes",
            "tensor_bytes", "safetensors_bytes"]
@@ -73,11 +73,28 @@ class AdapterFileError(ValueError):
 
 
 # ---------------------------------------------------------------- JSON and the config
+#: JSON nesting accepted in a config or index: real ones nest a few levels (a vision config inside a
+#: model config); transformers walks config dicts recursively, so a deep one would crash it later.
+MAX_JSON_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def read_json(path: str | os.PathLike, what: str, limit: int = MAX_CONFIG_BYTES) -> Any:
-    """A JSON file read with its size bounded; every failure is an AdapterFileError naming ``path``.
+    """A JSON file read with its size and nesting bounded; every failure is an AdapterFileError
+    naming ``path``.
 
     Args:
         what: what the file should hold, for the messages (e.g. "peft's adapter config").
+        limit: the largest size accepted, in bytes.
     """
     try:
         with open(path, "rb") as handle:
@@ -87,13 +104,18 @@ def read_json(path: str | os.PathLike, what: str, limit: int = MAX_CONFIG_BYTES)
     except OSError as err:
         raise AdapterFileError(f"{path} cannot be read ({err.strerror or err})") from None
     if len(raw) > limit:
-        raise AdapterFileError(f"{path} is larger than {limit >> 20} MiB; {what} is a few KiB, so this is not one")
+        raise AdapterFileError(f"{path} is larger than {limit >> 20} MiB, far more than {what} needs; "
+                               "it is not one")
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(raw.decode("utf-8"))
+        too_deep = _depth(data) > MAX_JSON_DEPTH
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError; an int of over 4300 digits
         raise AdapterFileError(f"{path} is not valid JSON ({err}); expected {what}") from None
-    except RecursionError:
-        raise AdapterFileError(f"{path} nests JSON values too deeply to be {what}") from None
+    except RecursionError:  # the parser's own limit, far past ours
+        too_deep = True
+    if too_deep:
+        raise AdapterFileError(f"{path} nests JSON values more than {MAX_JSON_DEPTH} deep, which {what} never does")
+    return data
 
 
 def read_config_file(folder: str | os.PathLike) -> tuple[LoraConfig, dict[str, Any]]:
@@ -251,9 +273,10 @@ def header_bytes(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadat
     return struct.pack("<Q", len(blob)) + blob
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """A tensor's data as safetensors stores it (little-endian, row-major)."""
-    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's data as safetensors stores it (little-endian, row-major), without a copy for a
+    contiguous CPU tensor."""
+    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:

@@ -122,9 +122,9 @@ BAD_FILES = {
     "missing config": (lambda f: os.remove(f / CONFIG), rf"{CONFIG} is missing"),
     "bad json": (lambda f: (f / CONFIG).write_text('{"r": 2,'), r"is not valid JSON"),
     "deeply nested json": (lambda f: (f / CONFIG).write_text("[" * 200_000 + "]" * 200_000),
-                           r"nests JSON values too deeply to be peft's adapter config"),
+                           r"nests JSON values more than 64 deep, which peft's adapter config never does"),
     "huge config": (lambda f: (f / CONFIG).write_bytes(b" " * (16 << 20) + b"{}"),
-                    r"is larger than 16 MiB; peft's adapter config is a few KiB"),
+                    r"is larger than 16 MiB, far more than peft's adapter config needs"),
     "config is a folder": (lambda f: (os.remove(f / CONFIG), os.mkdir(f / CONFIG)), rf"{CONFIG} is missing"),
     "json list": (lambda f: (f / CONFIG).write_text("[1, 2]"), r"holds a JSON list, expected an object"),
     "prefix tuning": (lambda f: _edit_config(f, lambda d: d.update(peft_type="PREFIX_TUNING")),
@@ -319,3 +319,13 @@ def test_random_byte_damage_never_loads_silently_wrong(folder):
             continue
         loaded = load_file(folder / WEIGHTS)
         assert torch.equal(model.lin0.adapters["default"].lora_A, loaded[KEY_A])
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"r": ' + "9" * 5000 + "}", r"is not valid JSON \(Exceeds the limit"),  # was a bare ValueError
+    ("[" * 100 + "]" * 100, r"nests JSON values more than 64 deep"),          # parses, but too deep
+])
+def test_config_json_edge_cases_name_the_file(folder, text, message):
+    (folder / CONFIG).write_text(text)
+    with pytest.raises(checkpoint.AdapterFileError, match=rf"adapter_config\.json {message}"):
+        minilora.load_adapter(build("mlp"), folder)

@@ -11,7 +11,7 @@ import pytest
 
 from minilora.cli import main
 from minilora.cli.inspect import group_names
-from tests import tiny_models as tm
+import tiny_models as tm
 
 transformers = pytest.importorskip("transformers")
 

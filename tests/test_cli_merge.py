@@ -22,7 +22,7 @@ import minilora
 from minilora.checkpoint import save_adapter
 from minilora.cli import main
 from minilora.cli.merge import merge_checkpoint
-from tests import tiny_models as tm
+import tiny_models as tm
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -213,6 +213,8 @@ def test_merge_matches_float64_reference_and_peft(tmp_path):
         assert A.shape[0] == r
         ref = base_sd[module + ".weight"].double() + alpha / r ** 0.5 * (B @ A)
         rel = (got[module + ".weight"].double() - ref).abs().max() / ref.abs().max()
+        # W + s·B·A stored in float32: r <= 4 products, scale, sum, cast: <= (r + 2)·2**-24 ~ 3.6e-7
+        # of |W| + s|B||A|, which here is within 2x of the largest |W'| (the delta dominates W).
         assert rel <= 1e-6, (module, float(rel))
         delta_rel = (got[module + ".weight"].double() - base_sd[module + ".weight"].double()).abs().max()
         assert delta_rel > 1e-3  # the adapter really changed the weight
@@ -240,6 +242,46 @@ def test_single_file_checkpoint(tmp_path):
     want = minilora.merge_and_unload(ours).state_dict()
     got = folder_tensors(tmp_path / "out")
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_unsigned_integer_tensors_are_copied_unchanged(tmp_path):
+    """safetensors' U16 / U32 / U64 (torch.uint16/32/64: quantization metadata, token maps) are
+    copied bit for bit, beside the merged weights."""
+    base = tiny_llama(False)
+    base.save_pretrained(tmp_path / "base")
+    extra = {"quant.u16": torch.tensor([0, 1, 2**16 - 1], dtype=torch.uint16),
+             "quant.u32": torch.tensor([[0, 2**32 - 1], [7, 2**31]], dtype=torch.uint32),
+             "quant.u64": torch.tensor([2**64 - 1, 3], dtype=torch.uint64)}
+    tensors = {k: v.contiguous() for k, v in base.state_dict().items()} | extra
+    save_file(tensors, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    ours = minilora.inject(copy.deepcopy(base), target_modules=["q_proj"], init_lora_weights=False)
+    save_adapter(ours, tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
+    got = folder_tensors(tmp_path / "out")
+    for key, value in extra.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape
+        assert torch.equal(got[key].view(torch.uint8), value.view(torch.uint8)), key
+    want = minilora.merge_and_unload(ours).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_unmerged_weight_files_are_not_copied(tmp_path, capsys):
+    """Weight files other than the merged shards, at any depth, would hold unmerged weights
+    (Llama 3's original/consolidated.00.pth, Mistral's consolidated.safetensors): left out and
+    reported; every other file and folder is copied."""
+    base = tiny_llama(False)
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "original").mkdir()
+    (tmp_path / "base" / "original" / "consolidated.00.pth").write_bytes(b"pickle")
+    (tmp_path / "base" / "original" / "params.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "base" / "consolidated.safetensors"))
+    ours = minilora.inject(copy.deepcopy(base), target_modules=["q_proj"], init_lora_weights=False)
+    save_adapter(ours, tmp_path / "adapter")
+    assert main(["merge", "--no-progress", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+    assert "not copied (weight files other than the merged ones would hold unmerged weights): " \
+           "['consolidated.safetensors', 'original/consolidated.00.pth']" in capsys.readouterr().out
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        "config.json", "generation_config.json", "model.safetensors", "original", "original/params.json"]
 
 
 # ---------------------------------------------------------------- memory

@@ -192,3 +192,10 @@ def test_unknown_fields_warn_and_round_trip():
     assert out["future_field"] == {"a": 1} and out["zeta"] == 3
     with pytest.warns(UserWarning):
         assert LoraConfig.from_dict(out).to_dict() == out
+
+
+@pytest.mark.parametrize("data", [[], [("r", 4)], "r=4", None])
+def test_from_dict_needs_a_dict(data):
+    # dict([]) == {}: a JSON list once built a default config without a word
+    with pytest.raises(ValueError, match=r"from_dict needs a dict of peft's LoraConfig fields, got a"):
+        LoraConfig.from_dict(data)

@@ -4,16 +4,21 @@ Imports nothing heavy beyond torch at module level (the ``minilora`` package its
 torch, about 1.5 s): each subcommand imports transformers / matplotlib inside its ``run``, so
 ``minilora --help`` costs no more than ``import minilora``. Every failure is reported as one line on
 stderr with a non-zero exit code; ``--debug`` shows the traceback instead.
+
+Errors meant for users (``CliError``, the library's ``ValueError``s, a missing file, what the file
+system refused) are printed as they are. Anything else reaching ``main`` is a bad input that no
+check caught yet, and is printed as an internal error, so that such gaps show.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "CliError"]
+__all__ = ["main", "CliError", "one_line"]
 
 #: exit codes: 1 for a failed command, 2 for a bad command line (argparse's convention).
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -52,11 +57,26 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
+# "TypeError: " / "safetensors_rust.SafetensorError: " inside a message (libraries nest causes so).
+_CLASS_PREFIX = re.compile(r"\b(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception): ")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line, without exception class names in it."""
     text = str(err) or type(err).__name__
     if isinstance(err, KeyError):  # str(KeyError('x')) is "'x'": say what it was
         text = f"missing key {text}"
-    return " ".join(text.split())
+    return _CLASS_PREFIX.sub("", " ".join(text.split()))
+
+
+def _message(err: Exception) -> str:
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        # raised by the system: "[Errno 13] Permission denied: 'x'" -> "x: Permission denied"
+        paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+        return f"{paths}: {err.strerror}" if paths else err.strerror
+    if isinstance(err, (CliError, ValueError, OSError)):
+        return one_line(err)
+    return f"internal error, please report: {type(err).__name__}: {one_line(err)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,7 +96,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 -- the one place that turns errors into a message
         if args.debug:
             raise
-        kind = "" if isinstance(err, (CliError, ValueError, FileNotFoundError)) else f"{type(err).__name__}: "
-        print(f"minilora {args.command}: error: {kind}{_one_line(err)} (--debug shows the traceback)",
-              file=sys.stderr)
+        print(f"minilora {args.command}: error: {_message(err)} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_FAILED

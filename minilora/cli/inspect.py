@@ -8,50 +8,201 @@ inspected in about a second. Repeated blocks are folded: ``model.layers.{0..31}.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch.nn as nn
 
+from minilora.cli import CliError, one_line
 from minilora.config import LoraConfig
 from minilora.inject import find_targets, inject, trainable_parameters
 from minilora.layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLinear, lora_layer_class
 from minilora.matching import closest_names, unmatched_targets
+from minilora.peft_format import read_json
 
-__all__ = ["meta_model", "adaptable_modules", "group_names", "add_arguments", "run"]
+__all__ = ["CONFIG_FILE", "NotBuildable", "read_model_config", "meta_model", "adaptable_modules", "group_names",
+           "add_arguments", "run"]
 
+CONFIG_FILE = "config.json"
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a numeric path segment: model.layers.<3>.mlp
+#: Modules a meta-device build may register before it is stopped. The largest real models have
+#: under 100,000 (DeepSeek-V3 with unfused experts: 61 layers x 256 experts x 4, ...); one costs
+#: 60-100 us and 3 KB to build, so a config with an absurd layer count stops within ~15 s and 500 MB.
+MAX_MODULES = 150_000
 
 
-def meta_model(folder: str | Path) -> nn.Module:
-    """The model described by ``folder/config.json``, built on the meta device (no weights).
+class NotBuildable(CliError):
+    """config.json is a readable JSON object, but transformers cannot build a model from it: an
+    unknown model_type or architecture (custom code, never run), or field values it refuses."""
+
+
+def read_model_config(folder: str | Path) -> dict[str, Any]:
+    """The JSON object of ``folder/config.json``, read with bounded size.
 
     Raises:
         FileNotFoundError: no config.json.
-        ValueError: transformers does not know the architecture (e.g. a trust_remote_code model).
+        CliError / ValueError: not a regular file, not JSON, not an object (naming the file).
+    """
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        if path.exists() and not path.is_dir():  # a pipe would block the read forever
+            raise CliError(f"{path} is not a regular file (a pipe or a device?); give the model's JSON config")
+        if not path.exists():
+            raise FileNotFoundError(f"MODEL_DIR {folder} has no {CONFIG_FILE}; give a transformers model folder")
+    data = read_json(path, "a transformers model config")
+    if not isinstance(data, dict):
+        raise CliError(f"{path} holds a JSON {type(data).__name__}, expected an object of model config fields")
+    return data
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _without_auto_map(value: Any) -> Any:
+    """``value`` with every "auto_map" removed: it names code in the checkpoint folder, which
+    transformers' Auto classes look up and (for a model_type they do not know) ask on stdin
+    whether to run. It never reaches them."""
+    if isinstance(value, dict):
+        return {k: _without_auto_map(v) for k, v in value.items() if k != "auto_map"}
+    if isinstance(value, list):
+        return [_without_auto_map(v) for v in value]
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a bool", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _suspects(fields: dict[str, Any], config_class: type) -> str:
+    """After transformers refused a config: the fields whose JSON type differs from the config
+    class's default (a hint only, because lists of token ids where the default is one id are fine)."""
+    try:
+        defaults = config_class().to_dict()
+    except Exception:  # noqa: BLE001 -- no defaults to compare with: no hint
+        return ""
+    odd = [f"{k!r} is {_short(v)} where {config_class.__name__} has {_kind(defaults[k])} ({_short(defaults[k])})"
+           for k, v in fields.items()
+           if defaults.get(k) is not None and v is not None and _kind(v) != _kind(defaults[k])
+           and not (_kind(defaults[k]) == "a number" and _kind(v) == "a list")]
+    return f"; check {', '.join(odd[:3])}" if odd else ""
+
+
+@contextlib.contextmanager
+def _quiet_bounded_build(path: Path) -> Iterator[None]:
+    """No transformers log lines or warnings (a CLI error is one line), and at most MAX_MODULES
+    modules registered (a config is untrusted input: its layer count bounds time and memory)."""
+    import transformers
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    count = 0
+
+    def budget(module: nn.Module, name: str, sub: nn.Module | None) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_MODULES:
+            raise NotBuildable(f"{path} describes a model of more than {MAX_MODULES:,d} modules (the largest real "
+                               "models have under 100,000); check its layer and expert counts")
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    handle = register_module_module_registration_hook(budget)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        handle.remove()
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _model_class(transformers: Any, arch: str, path: Path) -> type | None:
+    """transformers' own class named ``arch`` (never code from the folder), or None."""
+    if not arch.isidentifier():
+        return None
+    try:
+        cls = getattr(transformers, arch, None)
+    except Exception as err:  # noqa: BLE001 -- the lazy import of its module failed (a missing extra package)
+        raise NotBuildable(f"{path} names architecture {arch!r}, which transformers cannot import here: "
+                           f"{one_line(err)}") from None
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
+
+
+def meta_model(folder: str | Path, *, guess_class: bool = True) -> nn.Module:
+    """The model described by ``folder/config.json``, built on the meta device (no weights).
+
+    Only transformers' own classes are used: the config is built from its ``model_type`` and the
+    model from its ``architectures``; an ``auto_map`` (custom code in the folder) is ignored, so
+    nothing from the folder is ever imported and nobody is asked whether to run it.
+
+    Args:
+        guess_class: without ``architectures``, build what ``AutoModel`` picks for the config
+            (else that is NotBuildable: a caller relying on module names should not guess).
+
+    Raises:
+        FileNotFoundError: no config.json.
+        CliError / ValueError: config.json is not a JSON object, or has fields of the wrong type.
+        NotBuildable: transformers does not know the model_type or the architecture (e.g. a
+            trust_remote_code model), or refuses the config's values.
     """
     import torch
     import transformers
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"MODEL_DIR {folder} has no config.json; give a transformers model folder")
-    try:
-        json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
-    config = transformers.AutoConfig.from_pretrained(str(folder))
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    with torch.device("meta"):
-        if cls is not None:
-            return cls(config)
-        if arch:
-            raise ValueError(f"config.json names architecture {arch!r}, which transformers "
-                             f"{transformers.__version__} does not have (custom code is never run)")
-        return transformers.AutoModel.from_config(config)
+    path = folder / CONFIG_FILE
+    fields = read_model_config(folder)
+    version = f"transformers {transformers.__version__}"
+    archs, model_type = fields.get("architectures"), fields.get("model_type")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CliError(f"{path}: 'architectures' is {_short(archs)}, expected a list of model class names such as "
+                       "['LlamaForCausalLM']")
+    if model_type is not None and not isinstance(model_type, str):
+        raise CliError(f"{path}: 'model_type' is {_short(model_type)}, expected a name such as 'llama'")
+    arch = archs[0] if archs else None
+    if arch is None and not guess_class:
+        raise NotBuildable(f"{path} names no architecture")
+    custom = (" (its auto_map names custom code in the folder, which minilora never runs)"
+              if "auto_map" in fields else "")
+    if model_type is None:
+        raise NotBuildable(f"{path} has no 'model_type', which names the config class transformers should use")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise NotBuildable(f"{path} has model_type {model_type!r}, which {version} does not know{custom}")
+    cls = _model_class(transformers, arch, path) if arch is not None else None
+    if arch is not None and cls is None:
+        raise NotBuildable(f"{CONFIG_FILE} names architecture {arch!r}, which {version} does not have "
+                           f"(custom code is never run){custom}")
+    with _quiet_bounded_build(path):
+        try:
+            config_class = transformers.CONFIG_MAPPING[model_type]
+        except Exception as err:  # noqa: BLE001 -- the lazy import of its module failed (a missing extra package)
+            raise NotBuildable(f"{path}: {version} cannot import the config of model_type {model_type!r} here: "
+                               f"{one_line(err)}") from None
+        try:
+            config = config_class.from_dict(_without_auto_map(fields))
+        except Exception as err:  # noqa: BLE001 -- transformers validates fields with many exception types
+            raise NotBuildable(f"{path}: {version} refuses it as a model_type {model_type!r} config: "
+                               f"{one_line(err)}{_suspects(fields, config_class)}") from None
+        wanted = getattr(cls, "config_class", None)
+        if isinstance(wanted, type) and not isinstance(config, wanted):
+            raise NotBuildable(f"{path} names architecture {arch!r}, which takes a {wanted.__name__}, but its "
+                               f"model_type {model_type!r} makes a {type(config).__name__}")
+        try:
+            with torch.device("meta"):
+                if cls is not None:
+                    return cls(config)
+                return transformers.AutoModel.from_config(config, trust_remote_code=False)
+        except NotBuildable:
+            raise
+        except Exception as err:  # noqa: BLE001 -- a model's __init__ fails on odd values in many ways
+            raise NotBuildable(f"{path}: {version} could not build {arch or 'a model'} from it: {one_line(err)}"
+                               f"{_suspects(fields, config_class)}") from None
 
 
 def _describe(module: nn.Module) -> str:
@@ -148,6 +299,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\ntargets {targets!r} select {len(chosen)} modules:")
     _print_groups(group_names({n: described[n] for n in chosen}))
     trainable, total = trainable_parameters(model)
-    print(f"\nr={args.r}: {trainable:,d} trainable parameters of {total:,d} ({100 * trainable / total:.4f}%)"
+    print(f"\nr={args.r}: {trainable:,d} trainable parameters of {total:,d} ({100 * trainable / max(total, 1):.4f}%)"
           + (f", modules_to_save {args.modules_to_save} included" if args.modules_to_save else ""))
     return 0

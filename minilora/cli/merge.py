@@ -8,8 +8,12 @@ memory is therefore a few blocks (about 4 MiB of fp32 each) plus the adapter fac
 the size of the model or of its largest tensor (a 128k-vocabulary embedding's fp32 delta alone
 would be 4 GiB); the test measures it.
 
-The output is written into a temporary folder beside OUT and renamed at the end, so OUT either
-appears complete or not at all.
+The output is written into a temporary folder beside OUT (``.OUT.partial-PID-RANDOM``, with an
+``.owner`` file naming the process) and renamed at the end, so OUT either appears complete or not
+at all; what a killed merge leaves there is removed by the next merge into the same folder once
+that process is gone. Files and folders get the modes new files get (0644 / 0755 under umask 022):
+a merged checkpoint is read by serving processes that may run as another user. OUT may not lie
+inside BASE: the merge copies BASE, and never writes into its input.
 
 Tied weights (``tie_word_embeddings``): the checkpoint stores one tensor for the whole group
 (e.g. ``model.embed_tokens.weight``, with ``lm_head.weight`` absent). Each member's merged value
@@ -22,10 +26,14 @@ is set to false in config.json, as ``merge_and_unload`` unties a LoRA-adapted ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
-import struct
+import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,52 +42,39 @@ from pathlib import Path
 
 import torch
 
+from minilora.atomic import fsync_folder
+from minilora.cli import CliError
 from minilora.config import LoraConfig
 from minilora.matching import closest_names, pattern_key
+from minilora.patterns import PatternError, time_budget
+from minilora.peft_format import (CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME, AdapterFileError,
+                                  TensorEntry,
+                                  check_digest, check_finite, check_tensor, header_bytes, read_config_file,
+                                  read_header, read_json, read_tensor, tensor_bytes)
 
 __all__ = ["merge_checkpoint", "MergeSummary", "add_arguments", "run"]
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-_PEFT_PREFIX = "base_model.model."
-# peft key suffix -> (factor, is_embedding). Embedding factors are bare parameters (no ".weight").
-_LORA_SUFFIXES = {
-    ".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False), ".lora_B.bias": ("lora_bias", False),
-    ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True),
-}
+# peft key suffix -> (LoraAdapter parameter, is_embedding), from peft_format's one table.
+_LORA_SUFFIXES = {f".{suffix}": (param, embedding)
+                  for embedding, keys in FACTOR_KEYS.items() for param, suffix in keys.items()}
 # Files that hold (unmerged) weights in another format: never copied into OUT, never unpickled.
 _STALE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-@dataclass
-class _Tensor:
-    """Where a tensor lives and what it is (read from a safetensors header, no data)."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int = 0  # byte offset of the data in the file
-
-    @property
-    def nbytes(self) -> int:
-        n = _DTYPES[self.dtype].itemsize if self.dtype in _DTYPES else 0
-        for d in self.shape:
-            n *= d
-        return n
-
-
+# ... nor is any .safetensors file but the merged shards (Mistral's consolidated.safetensors, a
+# model.safetensors beside an index): OUT must not carry a second, unmerged copy of the weights.
+_UNMERGED_WEIGHTS = (*_STALE_WEIGHTS, ".safetensors")
+#: DeepSeek-V3's index (91,000 tensors) is 9 MiB; this bounds the time and memory of reading one.
+_MAX_INDEX_BYTES = 64 << 20
+#: Entries (files and folders, counting through folder links) copied from BASE at most: real
+#: checkpoints have tens; this bounds a tree of links that fans out exponentially.
+_MAX_SIDE_ENTRIES = 100_000
 @dataclass
 class _LoraModule:
     """One adapted module: adapter keys of its factors, its scaling and how its delta is laid out."""
 
     name: str
-    A: str | None = None
-    B: str | None = None
+    lora_A: str | None = None
+    lora_B: str | None = None
     lora_bias: str | None = None
     embedding: bool = False
     scaling: float = 1.0
@@ -101,49 +96,6 @@ class MergeSummary:
     renamed: tuple[str, str] | None = None  # (old prefix, new prefix) of the adapter's module names
 
 
-# ---------------------------------------------------------------- reading safetensors lazily
-def _header(path: Path) -> tuple[dict[str, _Tensor], dict[str, str]]:
-    """Keys -> (dtype, shape) and the metadata of one safetensors file, without reading data."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:  # validates the header and the data layout
-        entries = {k: _Tensor(path, f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
-                   for k in f.keys()}
-        metadata = dict(f.metadata() or {})
-    # safe_open does not expose where each tensor's bytes lie; the header it just accepted does.
-    with open(path, "rb") as raw:
-        (n,) = struct.unpack("<Q", raw.read(8))
-        header = json.loads(raw.read(n))
-    for k, entry in entries.items():
-        begin, end = header[k]["data_offsets"]
-        entry.start = 8 + n + begin
-        if end - begin != entry.nbytes:
-            raise ValueError(f"{path}: tensor {k!r} holds {end - begin} bytes, but {entry.dtype} "
-                             f"{list(entry.shape)} needs {entry.nbytes}; the file is corrupt")
-    return entries, metadata
-
-
-def _load(entry: _Tensor, key: str) -> torch.Tensor:
-    """A whole (adapter) tensor."""
-    return _read_rows(entry, slice(0, entry.shape[0] if entry.shape else 1))
-
-
-def _read_rows(entry: _Tensor, rows: slice) -> torch.Tensor:
-    """Rows ``rows`` (of dim 0) of a checkpoint tensor, read with plain file reads: a memory map
-    kept open counts every page read through it as resident memory (measured: RSS grew by the
-    file size), so none is used."""
-    shape = (rows.stop - rows.start, *entry.shape[1:]) if entry.shape else ()
-    row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else entry.nbytes
-    buf = bytearray(row_bytes * (rows.stop - rows.start))
-    with open(entry.file, "rb") as f:
-        f.seek(entry.start + rows.start * row_bytes)
-        if f.readinto(buf) != len(buf):
-            raise ValueError(f"{entry.file} ends before the data of a tensor it declares; the file is truncated")
-    if not buf:
-        return torch.empty(shape, dtype=_DTYPES[entry.dtype])
-    return torch.frombuffer(buf, dtype=torch.uint8).view(_DTYPES[entry.dtype]).reshape(shape)
-
-
 # Rows per block: about 1M elements (4 MiB as fp32), but never fewer than 256 rows. The floor keeps
 # each block's s·B@A on the same BLAS kernel as the whole product (a handful of rows goes down a
 # GEMV path whose summation order differs), so the merged bits equal merge_and_unload's.
@@ -159,30 +111,58 @@ def _row_blocks(shape: tuple[int, ...]) -> list[slice]:
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
 
 
-def _checkpoint(base: Path) -> tuple[dict[str, _Tensor], dict[str, dict[str, str]], dict | None]:
+def _shard_name_ok(name: object) -> bool:
+    """A shard named in an index must be a .safetensors file directly in BASE: a path with folders
+    or '..' could point anywhere, and the merged shard is written under the same name."""
+    return (isinstance(name, str) and name.endswith(".safetensors") and name not in ("", ".", "..")
+            and not any(c in name for c in "/\\\0"))
+
+
+def _checkpoint(base: Path) -> tuple[dict[str, TensorEntry], dict[str, dict[str, str]], dict | None]:
     """All checkpoint tensors, per-shard metadata, and the index json (None for one file)."""
     index_path, single = base / INDEX_FILE, base / SINGLE_FILE
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
+        index = read_json(index_path, "a safetensors index (metadata and weight_map)", limit=_MAX_INDEX_BYTES)
+        if not isinstance(index, dict):
+            raise ValueError(f"{index_path} holds a JSON {type(index).__name__}, expected an object with a "
+                             "'weight_map' of tensor name -> shard file")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_path} has no 'weight_map'; it is not a safetensors index")
+            raise ValueError(f"{index_path} has no 'weight_map' object of tensor name -> shard file; it is not a "
+                             "safetensors index")
+        for key, shard in weight_map.items():
+            if not _shard_name_ok(shard):
+                shown = repr(shard) if len(repr(shard)) <= 60 else repr(shard)[:57] + "..."
+                raise ValueError(f"{index_path}: weight_map maps {key!r} to {shown}; a shard must be the name of "
+                                 "a .safetensors file directly in BASE (no folders, no '..')")
+        if not isinstance(index.get("metadata", {}), (dict, type(None))):
+            raise ValueError(f"{index_path}: 'metadata' is a {type(index['metadata']).__name__}, expected an object "
+                             "such as {\"total_size\": ...}")
         shards = sorted(set(weight_map.values()))
     elif single.is_file():
         index, shards = None, [SINGLE_FILE]
     else:
+        for path in (index_path, single):
+            if path.exists():  # a folder or a pipe where the weights should be
+                raise ValueError(f"{path} is not a regular file; BASE must hold the checkpoint's weights as "
+                                 f"{SINGLE_FILE} or as shards named in {INDEX_FILE}")
         found = sorted(p.name for p in base.iterdir()) if base.is_dir() else []
         pickled = [n for n in found if n.endswith(_STALE_WEIGHTS)]
         hint = (f"; it has {pickled}, which minilora never unpickles: re-save the model with "
                 "save_pretrained(..., safe_serialization=True)") if pickled else ""
         raise FileNotFoundError(f"BASE {base} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
-    tensors: dict[str, _Tensor] = {}
+    tensors: dict[str, TensorEntry] = {}
     metadata: dict[str, dict[str, str]] = {}
     for shard in shards:
         if not (base / shard).is_file():
-            raise FileNotFoundError(f"{INDEX_FILE} in {base} names shard {shard!r}, which does not exist")
-        entries, metadata[shard] = _header(base / shard)
-        tensors.update(entries)
+            what = "is not a regular file" if (base / shard).exists() else "does not exist"
+            raise FileNotFoundError(f"{INDEX_FILE} in {base} names shard {shard!r}, which {what}")
+        entries, metadata[shard] = read_header(base / shard)
+        for key, entry in entries.items():
+            if key in tensors:  # which copy a loader takes is up to the loader: refuse to guess
+                raise ValueError(f"tensor {key!r} is in two shards of {base}, "
+                                 f"{os.path.basename(tensors[key].file)} and {shard}; remove one")
+            tensors[key] = entry
     if index is not None:
         missing = [k for k, shard in index["weight_map"].items() if k not in tensors]
         if missing:
@@ -192,29 +172,43 @@ def _checkpoint(base: Path) -> tuple[dict[str, _Tensor], dict[str, dict[str, str
 
 
 # ---------------------------------------------------------------- understanding the adapter
-def _read_adapter(adapter: Path) -> tuple[LoraConfig, dict[str, _Tensor], dict[str, _LoraModule], dict[str, str]]:
+def _read_adapter(adapter: Path) -> tuple[LoraConfig, dict[str, TensorEntry], dict[str, _LoraModule], dict[str, str]]:
     """The config, the adapter tensors, LoRA modules by name, and checkpoint key -> adapter key
-    for tensors that replace a base tensor (modules_to_save copies, trained biases)."""
-    config_path, weights_path = adapter / ADAPTER_CONFIG, adapter / ADAPTER_WEIGHTS
+    for tensors that replace a base tensor (modules_to_save copies, trained biases).
+
+    The config and the weights file's header are read and checked by ``minilora.peft_format``,
+    exactly as ``load_adapter`` reads them; values are checked by :func:`_check_values`."""
+    config_path, weights_path = adapter / CONFIG_NAME, adapter / WEIGHTS_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"ADAPTER {adapter} has no {ADAPTER_CONFIG}; is it a peft adapter folder?")
+        raise FileNotFoundError(f"ADAPTER {adapter} has no {CONFIG_NAME}; is it a peft adapter folder?")
     if not weights_path.is_file():
-        pickled = (adapter / "adapter_model.bin").is_file()
-        hint = " (it has adapter_model.bin, which minilora never unpickles; re-save it with peft or minilora)" \
+        pickled = (adapter / PICKLE_NAME).is_file()
+        hint = f" (it has {PICKLE_NAME}, which minilora never unpickles; re-save it with peft or minilora)" \
             if pickled else ""
-        raise FileNotFoundError(f"ADAPTER {adapter} has no {ADAPTER_WEIGHTS}{hint}")
+        raise FileNotFoundError(f"ADAPTER {adapter} has no {WEIGHTS_NAME}{hint}")
+    config, config_data = read_config_file(adapter)
+    tensors, metadata = read_header(weights_path)
+    check_digest(str(weights_path), metadata, config_data)
     try:
-        config = LoraConfig.from_dict(json.loads(config_path.read_text()))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
-    tensors, _ = _header(weights_path)
+        with time_budget():  # rank/alpha patterns from the file are matched below
+            modules, replace = _modules(config, tensors, weights_path)
+    except PatternError as err:
+        raise AdapterFileError(f"{config_path}: {err}") from None
+    return config, tensors, modules, replace
+
+
+def _modules(config: LoraConfig, tensors: dict[str, TensorEntry], weights_path: Path
+             ) -> tuple[dict[str, _LoraModule], dict[str, str]]:
     modules: dict[str, _LoraModule] = {}
     replace: dict[str, str] = {}
     for key in tensors:
-        if not key.startswith(_PEFT_PREFIX):
-            raise ValueError(f"adapter tensor {key!r} does not start with {_PEFT_PREFIX!r}; "
+        name = key[len(PEFT_PREFIX):]
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"adapter tensor {key!r} does not start with {PEFT_PREFIX!r}; "
                              f"{weights_path} is not in peft's format")
-        name = key[len(_PEFT_PREFIX):]
+        if not name:
+            raise ValueError(f"{weights_path}: adapter tensor {key!r} names no module after {PEFT_PREFIX!r}; "
+                             "the file is not in peft's format")
         suffix = next((s for s in _LORA_SUFFIXES if name.endswith(s)), None)
         if suffix is not None:
             factor, embedding = _LORA_SUFFIXES[suffix]
@@ -229,34 +223,64 @@ def _read_adapter(adapter: Path) -> tuple[LoraConfig, dict[str, _Tensor], dict[s
         else:  # a modules_to_save copy's parameter, or a trained bias of a plain module
             replace[name] = key
     for module in modules.values():
-        if module.A is None or module.B is None:
-            raise ValueError(f"adapter has {'lora_B' if module.A is None else 'lora_A'} but not "
-                             f"{'lora_A' if module.A is None else 'lora_B'} for {module.name!r}; the file is incomplete")
-        r = tensors[module.A].shape[0]
+        if module.lora_A is None or module.lora_B is None:
+            raise ValueError(f"adapter has {'lora_B' if module.lora_A is None else 'lora_A'} but not "
+                             f"{'lora_A' if module.lora_A is None else 'lora_B'} for {module.name!r}; the file is incomplete")
+        for factor in (module.lora_A, module.lora_B):  # (more on dims once the weight is known)
+            if not tensors[factor].shape:
+                raise ValueError(f"{weights_path}: {factor!r} is a scalar; LoRA factors have 2 or more dims, so "
+                                 "the adapter file is malformed")
+        r = tensors[module.lora_A].shape[0]
         key_r, key_a = pattern_key(config.rank_pattern, module.name), pattern_key(config.alpha_pattern, module.name)
         want_r = config.rank_pattern[key_r] if key_r is not None else config.r
         if r != want_r:
-            raise ValueError(f"{ADAPTER_CONFIG} gives {module.name!r} rank {want_r}, but its lora_A has "
+            raise ValueError(f"{CONFIG_NAME} gives {module.name!r} rank {want_r}, but its lora_A has "
                              f"rank {r}; the config and the weights do not belong together")
         alpha = config.alpha_pattern[key_a] if key_a is not None else config.lora_alpha
         module.scaling = config.scaling_for(r, alpha)
-    return config, tensors, modules, replace
+    return modules, replace
+
+
+def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter: Path) -> None:
+    """Every adapter tensor is floating point and finite in the dtype it is used in: fp32 for the
+    factors (the delta is computed in fp32), the checkpoint tensor's dtype for a tensor that
+    replaces one. The same checks as ``load_adapter`` (``minilora.peft_format``), read in blocks of
+    rows so a large modules_to_save copy costs no more memory than the merge itself."""
+    where = str(adapter / WEIGHTS_NAME)
+    uses = [(getattr(m, f), torch.float32) for m in modules.values() for f in ("lora_A", "lora_B", "lora_bias")
+            if getattr(m, f) is not None]
+    uses += [(ad_key, _stored(ck_tensors, tied_to, key).torch_dtype) for key, ad_key in replace.items()]
+    for ad_key, dtype in sorted(uses):
+        entry = ad_tensors[ad_key]
+        check_tensor(where, ad_key, entry.torch_dtype, entry.shape, dtype, entry.shape)
+        check_finite(where, ad_key, (read_tensor(entry, rows) for rows in _row_blocks(entry.shape)), dtype)
+
+
+def _stored(ck_tensors: dict[str, TensorEntry], tied_to: dict[str, str], key: str) -> TensorEntry | None:
+    """The checkpoint entry holding ``key``: its own, or the tied tensor stored in its place."""
+    return ck_tensors.get(key) or ck_tensors.get(tied_to.get(key, ""))
 
 
 def _model_facts(base: Path) -> tuple[set[str], list[list[str]]] | None:
     """(names of transformers Conv1D modules, groups of tied parameter names) from config.json,
-    with the model built on the meta device (no memory, ~0.1 s even for 7B). None when
-    transformers is missing or does not know the architecture: shapes then decide alone."""
+    with the model built on the meta device (no memory, ~0.1 s even for 7B). None when there is
+    no config.json, transformers is missing or cannot build the model it names (an unknown or
+    custom-code architecture, which is never run): shapes then decide alone. A config.json that
+    is not a readable JSON object is an error: OUT would get a copy of it.
+
+    Without "architectures" the model class (and so its module names) would be a guess: None.
+    """
+    from minilora.cli.inspect import CONFIG_FILE, NotBuildable, meta_model
+
+    if not (base / CONFIG_FILE).exists():
+        return None
     try:
-        # Without "architectures" the model class (and so its module names) would be a guess.
-        if not json.loads((base / "config.json").read_text()).get("architectures"):
-            return None
         from transformers.pytorch_utils import Conv1D
-
-        from minilora.cli.inspect import meta_model
-
-        model = meta_model(base)
-    except Exception:  # noqa: BLE001 -- optional knowledge: any failure means "use the shapes"
+    except ImportError:
+        return None
+    try:
+        model = meta_model(base, guess_class=False)
+    except NotBuildable:
         return None
     conv1d = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
     groups: dict[int, list[str]] = {}
@@ -265,7 +289,7 @@ def _model_facts(base: Path) -> tuple[set[str], list[list[str]]] | None:
     return conv1d, [g for g in groups.values() if len(g) > 1]
 
 
-def _not_found(key: str, what: str, tensors: dict[str, _Tensor], base: Path) -> ValueError:
+def _not_found(key: str, what: str, tensors: dict[str, TensorEntry], base: Path) -> ValueError:
     close = closest_names(key, list(tensors))
     hint = f" (closest: {', '.join(close)})" if close else ""
     return ValueError(f"adapter does not fit the checkpoint: {what} needs {key!r}, which is not in {base}{hint}")
@@ -297,23 +321,48 @@ def _align_prefix(modules: dict[str, _LoraModule], replace: dict[str, str], know
     return modules, replace, None
 
 
-def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, config, base) -> None:
+def _factor_problem(m: _LoraModule, A: tuple[int, ...], B: tuple[int, ...], W: tuple[int, ...]) -> str | None:
+    """What is wrong with a module's LoRA factors on their own, or None: a Linear, Conv1D or
+    Embedding weight (2-D) takes 2-D factors, a ConvNd weight A (r, in, *kernel) and B (out, r, 1, ...);
+    the ranks agree (a grouped conv's B has r // groups, refused once the weight is known)."""
+    if len(W) < 2:
+        return (f"its weight is {list(W)}, which LoRA cannot adapt (Linear, Embedding and Conv weights have 2 or "
+                "more dims)")
+    dims = 2 if len(W) == 2 or m.embedding else len(W)
+    if len(A) != dims or len(B) != dims:
+        return f"lora_A {list(A)} and lora_B {list(B)} must both be {dims}-D for its {len(W)}-D weight {list(W)}"
+    if any(d != 1 for d in B[2:]):
+        return f"lora_B {list(B)} must be 1 in every kernel dim (a 1x1 conv)"
+    if B[1] != A[0] if dims == 2 else (B[1] == 0 or A[0] % B[1]):
+        return f"lora_A {list(A)} has rank {A[0]} but lora_B {list(B)} has rank {B[1]}"
+    return None
+
+
+def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, config, base, adapter) -> None:
     """Check every adapter tensor against the checkpoint before anything is written."""
-    def stored(key: str) -> _Tensor | None:
-        return ck_tensors.get(key) or ck_tensors.get(tied_to.get(key, ""))
+    def stored(key: str) -> TensorEntry | None:
+        return _stored(ck_tensors, tied_to, key)
 
     for m in modules.values():
         entry = stored(m.name + ".weight")
         if entry is None:
             raise _not_found(m.name + ".weight", f"LoRA module {m.name!r}", ck_tensors, base)
-        A, B, W = ad_tensors[m.A].shape, ad_tensors[m.B].shape, entry.shape
+        A, B, W = tuple(ad_tensors[m.lora_A].shape), tuple(ad_tensors[m.lora_B].shape), tuple(entry.shape)
+        problem = _factor_problem(m, A, B, W)
+        if problem is not None:
+            raise ValueError(f"{adapter / WEIGHTS_NAME}: LoRA module {m.name!r}: {problem}; the adapter file is "
+                             "malformed")
         if m.embedding:
             want, fits = (A[1], B[0]), W == (A[1], B[0])
         elif len(A) > 2:  # ConvNd: A (r, in, *k), B (out, r // groups, 1..)
             want, fits = (B[0], A[1], *A[2:]), W == (B[0], A[1], *A[2:])
-            if not fits and len(W) == len(A) and W[0] == B[0] and W[2:] == A[2:] and A[1] % W[1] == 0:
+            if not fits and len(W) == len(A) and W[0] == B[0] and W[2:] == A[2:] and W[1] and A[1] % W[1] == 0:
                 raise ValueError(f"{m.name!r} is a grouped conv (groups={A[1] // W[1]}); its LoRA cannot be "
                                  "merged into a grouped weight (A mixes channels across groups)")
+            if fits and B[1] != A[0]:
+                raise ValueError(f"{adapter / WEIGHTS_NAME}: LoRA module {m.name!r}: lora_B {list(B)} is a "
+                                 f"grouped conv's (rank {A[0]} / {A[0] // B[1]} groups), but the weight {list(W)} "
+                                 "is not grouped")
         else:
             plain, flipped = (B[0], A[1]), (A[1], B[0])
             m.transposed = (m.name in conv1d if conv1d is not None else config.fan_in_fan_out) \
@@ -323,9 +372,16 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, conf
             raise ValueError(f"adapter does not fit the checkpoint: {m.name!r} has weight {list(W)} in {base}, "
                              f"but the adapter's delta is {list(want)} (lora_A {list(A)}, lora_B {list(B)}); "
                              "was it trained on another model?")
-        if m.lora_bias is not None and stored(m.name + ".bias") is None:
-            raise ValueError(f"adapter has a lora_bias for {m.name!r} but the checkpoint has no "
-                             f"{m.name + '.bias'!r} to merge it into")
+        if m.lora_bias is not None:
+            bias = stored(m.name + ".bias")
+            if bias is None:
+                raise ValueError(f"adapter has a lora_bias for {m.name!r} but the checkpoint has no "
+                                 f"{m.name + '.bias'!r} to merge it into")
+            got = tuple(ad_tensors[m.lora_bias].shape)
+            if got != (B[0],) or tuple(bias.shape) != (B[0],):  # (a shape of (1,) would broadcast silently)
+                raise ValueError(f"adapter does not fit the checkpoint: the lora_bias of {m.name!r} has shape "
+                                 f"{list(got)} and its bias in {base} {list(bias.shape)}, but lora_B {list(B)} "
+                                 f"makes {B[0]} outputs")
     for key, ad_key in replace.items():
         entry = stored(key)
         if entry is None:
@@ -348,6 +404,16 @@ def _delta(m: _LoraModule, A: torch.Tensor, B: torch.Tensor, rows: slice) -> tor
     return (B.float()[rows] @ A.float()).mul_(m.scaling)
 
 
+def _check_merged(key: str, base: torch.Tensor, merged: torch.Tensor) -> None:
+    # Finite factors can still overflow the weight's dtype (a huge scaling, an fp16 checkpoint):
+    # never write an inf or NaN where the base weight was finite.
+    bad = int((~torch.isfinite(merged) & torch.isfinite(base)).sum())
+    if bad:
+        raise ValueError(f"merging the adapter into {key!r} gives {bad} inf or NaN value(s) in {merged.dtype}: the "
+                         "update (scaling * B @ A) is beyond that dtype's range; check lora_alpha and the adapter's "
+                         "values. Nothing was written")
+
+
 class _Merger:
     """Computes merged checkpoint tensors one block of rows at a time."""
 
@@ -358,7 +424,7 @@ class _Merger:
         self.by_bias = {m.name + ".bias": m for m in modules.values() if m.lora_bias is not None}
 
     def _adapter(self, key: str) -> torch.Tensor:
-        return _load(self.ad_tensors[key], key)
+        return read_tensor(self.ad_tensors[key])
 
     def touches(self, key: str) -> bool:
         return key in self.replace or key in self.by_weight or key in self.by_bias
@@ -368,69 +434,216 @@ class _Merger:
         as consecutive blocks of rows in the stored dtype."""
         stored = key if key in self.ck_tensors else self.tied_to[key]
         entry = self.ck_tensors[stored]
-        dtype = _DTYPES[entry.dtype]
+        dtype = entry.torch_dtype
         source = self.ad_tensors[self.replace[key]] if key in self.replace else entry
         m, mb = self.by_weight.get(key), self.by_bias.get(key)
         # The adapter factors are small (r x features); read once per tensor, not per block.
-        A, B = (self._adapter(m.A), self._adapter(m.B)) if m is not None else (None, None)
+        A, B = (self._adapter(m.lora_A), self._adapter(m.lora_B)) if m is not None else (None, None)
         bias = self._adapter(mb.lora_bias) if mb is not None else None
         for rows in _row_blocks(entry.shape):
-            t = _read_rows(source, rows).to(dtype)
+            base = read_tensor(source, rows).to(dtype)
+            t = base
             if m is not None:
                 # W + fp32 delta adds in fp32 and rounds once, as LoraLayer.merged_weights does
                 # (in place into the delta: the sum is the same bits, with one temporary less).
                 t = _delta(m, A, B, rows).add_(t).to(dtype)
             if bias is not None:
                 t = (t + mb.scaling * bias[rows]).to(dtype)
+            if t is not base and t.is_floating_point():
+                _check_merged(key, base, t)
             yield t
 
 
-def _write_safetensors(path: Path, keys: list[tuple[str, _Tensor]], metadata: dict[str, str],
+def _write_safetensors(path: Path, keys: list[tuple[str, TensorEntry]], metadata: dict[str, str],
                        blocks: Callable[[str], Iterator[torch.Tensor]], tick: Callable[[], None]) -> int:
     """Stream tensors into one safetensors file: the header is known up front (a merge changes no
     dtype or shape), so each block is written and dropped before the next is computed."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for key, entry in keys:
-        header[key] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
-        offset += entry.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    head = header_bytes([(key, entry.torch_dtype, entry.shape) for key, entry in keys], metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(head)
         for key, entry in keys:
             n = 0
             for t in blocks(key):
-                if t.dtype != _DTYPES[entry.dtype] or tuple(t.shape[1:]) != entry.shape[1:]:
+                if t.dtype != entry.torch_dtype or tuple(t.shape[1:]) != entry.shape[1:]:
                     raise AssertionError(f"internal error: {key} came out {t.dtype} {list(t.shape)}")
-                n += f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                n += f.write(tensor_bytes(t))
                 del t
             if n != entry.nbytes:
                 raise AssertionError(f"internal error: {key} wrote {n} of {entry.nbytes} bytes")
             tick()
         f.flush()
         os.fsync(f.fileno())
-    return offset
+    return sum(entry.nbytes for _, entry in keys)
 
 
 def _same(a: Iterator[torch.Tensor], b: Iterator[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def _kind_of(mode: int) -> str:
+    return ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+
+
+def _copy_file(src: str, dst: Path) -> None:
+    """Copy the bytes only: the copy gets a new file's mode (0644 under umask 022), not the
+    source's, and is fsynced before OUT is renamed into place."""
+    shutil.copyfile(src, dst)
+    with open(dst, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def _copy_side_files(base: Path, tmp: Path, weight_files: set[str]) -> list[str]:
-    """Config, tokenizer and any other files; old-format weight files are left out (returned)."""
-    skipped = []
-    for item in sorted(base.iterdir()):
-        if item.name in weight_files or item.name == INDEX_FILE:
-            continue
-        if item.is_file() and item.name.endswith(_STALE_WEIGHTS):
-            skipped.append(item.name)
-        elif item.is_dir():
-            shutil.copytree(item, tmp / item.name)
-        elif item.is_file():
-            shutil.copy2(item, tmp / item.name)
-    return skipped
+    """Copy config, tokenizer and every other file of ``base`` into ``tmp``, sub-folders included.
+    Weight files other than the merged shards hold unmerged weights and are left out (returned,
+    as paths relative to ``base``): Llama 3's ``original/consolidated.00.pth`` would be 16 GB.
+
+    Symlinks are followed, so the copy holds real files (a Hugging Face cache snapshot is links to
+    blobs). A folder reached again inside itself (a link to an ancestor, of BASE too) is a loop:
+    one short error at once, not a copy that grows until the path is too long.
+    """
+    def ident(st: os.stat_result) -> tuple[int, int]:
+        return st.st_dev, st.st_ino
+
+    real = Path(os.path.realpath(base))
+    # folder -> where it is, for BASE and every folder above it: copying any of them never ends.
+    above_base = {ident(os.stat(p)): str(p) for p in (real, *real.parents)}
+    writing = ident(os.stat(tmp))
+    skipped: list[str] = []
+    stack: list[tuple[Path, Path, dict[tuple[int, int], str]]] = [(base, tmp, above_base)]
+    seen = 0
+    while stack:
+        src, dst, above = stack.pop()
+        with os.scandir(src) as it:
+            items = sorted(it, key=lambda e: e.name)
+        seen += len(items)
+        if seen > _MAX_SIDE_ENTRIES:
+            raise CliError(f"BASE {base} holds more than {_MAX_SIDE_ENTRIES:,d} files and folders (counting through "
+                           "folder links); a checkpoint folder holds tens: check for links that fan out")
+        for item in items:
+            rel = os.path.relpath(item.path, base)
+            if src == base and (item.name in weight_files or item.name == INDEX_FILE):
+                continue  # written anew
+            try:
+                st = os.stat(item.path)  # follows links
+            except FileNotFoundError:
+                raise CliError(f"BASE {base}: {rel} is a symlink to {os.readlink(item.path)!r}, which does not "
+                               "exist; restore the target or remove the link") from None
+            if stat.S_ISDIR(st.st_mode):
+                key = ident(st)
+                if key in above:
+                    raise CliError(f"BASE {base}: the folder link {rel} leads back to {above[key]}, which contains "
+                                   "it (a symlink loop); remove the link or replace it by a real folder")
+                if key == writing:
+                    raise CliError(f"BASE {base}: the folder link {rel} leads into the merge's own output; remove it")
+                (dst / item.name).mkdir()
+                stack.append((Path(item.path), dst / item.name, {**above, key: os.path.join(str(base), rel)}))
+            elif not stat.S_ISREG(st.st_mode):
+                raise CliError(f"BASE {base}: {rel} is {_kind_of(st.st_mode)}, not a file or folder, so it cannot "
+                               "be copied into OUT; move it out of BASE")
+            elif item.name.endswith(_UNMERGED_WEIGHTS):
+                skipped.append(rel)
+            else:
+                _copy_file(item.path, dst / item.name)
+    return sorted(skipped)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=path.name != INDEX_FILE) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------- the partial folder
+# A merge writes into ".<OUT name>.partial-<pid>-<random>" beside OUT, having first created
+# "<that>.owner" naming its process; a merge that is killed (SIGKILL, OOM) leaves both, and the
+# next merge into the same parent folder removes them once that process is gone. Nothing without
+# an owner file of ours is ever removed.
+_PARTIAL = re.compile(r"\..+\.partial-(?P<pid>\d+)-[0-9a-f]{8}")
+_OWNER = ".owner"
+
+
+def _process_identity(pid: int) -> str | None:
+    """Boot id and start time of process ``pid`` (Linux; None elsewhere). A later process given
+    the same PID (common in containers, where every run starts with the same few PIDs) differs."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"{boot}:{fields[19]}"  # field 22, starttime (fields count from 3 after the command name)
+    except (OSError, IndexError):
+        return None
+
+
+def _claim_partial(out: Path) -> tuple[Path, Path]:
+    """Create the partial folder for ``out`` and its owner file (first: a kill in between leaves
+    an owner file alone, which the next merge removes); returns both."""
+    tmp = out.parent / f".{out.name[:200]}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    owner = tmp.with_name(tmp.name + _OWNER)
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "process": _process_identity(os.getpid())}
+    fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(info))
+    try:
+        tmp.mkdir()
+    except BaseException:
+        owner.unlink()
+        raise
+    return tmp, owner
+
+
+def _owner_gone(owner: str, pid: int) -> bool:
+    """Whether the merge that wrote ``owner`` has stopped; False whenever that cannot be told."""
+    try:
+        with open(owner, "rb") as handle:
+            info = json.loads(handle.read(4096) or b"{}")  # empty: killed between creating and writing it
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict) or info.get("host", socket.gethostname()) != socket.gethostname():
+        return False  # another machine's, on a shared file system: its processes cannot be seen from here
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        return False  # alive as another user, or cannot tell
+    then, now = info.get("process"), _process_identity(pid)
+    return bool(then and now and then != now)  # the PID now belongs to a later process
+
+
+def _remove_stale_partials(parent: Path) -> None:
+    """Remove the partial folders (and owner files) in ``parent`` of merges that were killed:
+    owner file named as ours, a regular file of this user, naming a process that is gone."""
+    with os.scandir(parent) as it:
+        owners = [e for e in it if e.name.endswith(_OWNER) and _PARTIAL.fullmatch(e.name[: -len(_OWNER)])]
+    for entry in owners:
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
+                continue
+            if not _owner_gone(entry.path, int(_PARTIAL.fullmatch(entry.name[: -len(_OWNER)])["pid"])):
+                continue
+            folder = parent / entry.name[: -len(_OWNER)]
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder)
+            os.unlink(entry.path)  # last: a removal stopped midway is redone by the next merge
+
+
+def _check_out(base: Path, out: Path) -> None:
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"OUT {out} already exists; give a new folder name (nothing is overwritten)")
+    if not out.parent.is_dir():
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise FileNotFoundError(f"the parent folder of OUT, {out.parent}, {what}")
+    real_base, real_out = Path(os.path.realpath(base)), Path(os.path.realpath(out.parent)) / out.name
+    if real_out.is_relative_to(real_base):
+        # The merge copies BASE's other files into OUT: OUT (and its partial folder) inside BASE
+        # would change the input while it is read, and every later merge or copy of BASE would carry
+        # the merged checkpoint along. cp -r refuses the same ("cannot copy a directory into itself").
+        raise CliError(f"OUT {out} is inside BASE {base}; the merge copies BASE and never writes into it: "
+                       f"give a folder outside it, such as {base.parent / (base.name + '-merged')}")
 
 
 def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
@@ -443,23 +656,23 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
             ``model.safetensors.index.json``, plus config / tokenizer files (copied).
         adapter: a peft-format adapter folder (``adapter_config.json``,
             ``adapter_model.safetensors``), as written by peft or ``minilora.save_adapter``.
-        out: the folder to create; must not exist. It appears complete or not at all.
+        out: the folder to create; must not exist, nor lie inside ``base``. It appears complete
+            or not at all.
         progress: show a tqdm progress bar (on stderr).
 
     Raises:
         FileNotFoundError: a folder or required file is missing.
         FileExistsError: ``out`` exists.
         ValueError: the adapter does not fit the checkpoint (missing module, shape mismatch,
-            rank not matching its config) or is not plain LoRA. Nothing is written.
+            rank not matching its config) or is not plain LoRA, or a file of either is malformed.
+        CliError: ``out`` is inside ``base``; a file in ``base`` cannot be copied (a symlink loop,
+            a pipe); writing failed (disk full, ...). Nothing is written.
     """
     base, adapter, out = Path(base), Path(adapter), Path(out)
     for what, folder in (("BASE", base), ("ADAPTER", adapter)):
         if not folder.is_dir():
             raise FileNotFoundError(f"{what} {folder} is not a folder")
-    if out.exists():
-        raise FileExistsError(f"OUT {out} already exists; give a new folder name (nothing is overwritten)")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the parent folder of OUT, {out.parent}, does not exist")
+    _check_out(base, out)
     ck_tensors, shard_meta, index = _checkpoint(base)
     config, ad_tensors, modules, replace = _read_adapter(adapter)
     facts = _model_facts(base)
@@ -468,12 +681,15 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
     tied_groups = [g for g in groups if sum(k in ck_tensors for k in g) == 1]
     tied_to = {k: next(s for s in g if s in ck_tensors) for g in tied_groups for k in g if k not in ck_tensors}
     modules, replace, renamed = _align_prefix(modules, replace, set(ck_tensors) | set(tied_to))
-    _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, config, base)
+    _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, config, base, adapter)
+    _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter)
     merger = _Merger(ad_tensors, modules, replace, ck_tensors, tied_to)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        _remove_stale_partials(out.parent)
+        tmp, owner = _claim_partial(out)
+    except OSError as err:  # a read-only folder, ...: say which folder, not our temporary's name
+        raise CliError(f"cannot write into the parent folder of OUT, {out.parent} ({err.strerror or err})") from None
     try:
         # Tied groups the adapter touches: keep them tied only if every member merges to the same values.
         untied: list[str] = []
@@ -485,9 +701,9 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
                 if not all(_same(merger.blocks(stored), merger.blocks(k)) for k in others):
                     extra[stored] = others
                     untied += others
-        by_shard: dict[str, list[tuple[str, _Tensor]]] = {}
+        by_shard: dict[str, list[tuple[str, TensorEntry]]] = {}
         for key, entry in ck_tensors.items():
-            shard = entry.file.name
+            shard = os.path.basename(entry.file)
             by_shard.setdefault(shard, []).append((key, entry))
             by_shard[shard] += [(k, entry) for k in extra.get(key, [])]
         total = sum(len(v) for v in by_shard.values())
@@ -503,17 +719,25 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
                 weight_map.update({k: shard for k, _ in by_shard[shard]})
         skipped = _copy_side_files(base, tmp, set(by_shard))
         if index is not None:
-            new_index = {**index, "metadata": {**index.get("metadata", {}), "total_size": written},
+            new_index = {**index, "metadata": {**(index.get("metadata") or {}), "total_size": written},
                          "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(new_index, indent=2) + "\n")
-        if untied and (tmp / "config.json").is_file():
-            cfg = json.loads((tmp / "config.json").read_text())
-            cfg["tie_word_embeddings"] = False
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            _write_json(tmp / INDEX_FILE, new_index)
+        if untied and (tmp / "config.json").is_file():  # (untied needs model facts: config.json was read)
+            _write_json(tmp / "config.json", {**read_json(tmp / "config.json", "a transformers model config"),
+                                              "tie_word_embeddings": False})
+        fsync_folder(str(tmp))
         os.rename(tmp, out)  # atomic on one file system; OUT appears complete or not at all
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            owner.unlink()
+        if isinstance(err, OSError) and err.strerror:  # the disk is full, a file cannot be read, ...
+            where = f"{err.filename}: " if err.filename else ""
+            raise CliError(f"merging into OUT {out} failed ({where}{err.strerror}); nothing was written") from err
         raise
+    with contextlib.suppress(OSError):
+        owner.unlink()
+    fsync_folder(str(out.parent))
     return MergeSummary(out, len(modules), len(replace), total, len(by_shard), written, untied, skipped, renamed)
 
 
@@ -539,5 +763,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"the adapter's module names start with {old or '(nothing)'!r} where the checkpoint's start with "
               f"{new or '(nothing)'!r} (trained on the backbone vs the model with a head): mapped accordingly")
     if s.skipped_files:
-        print(f"not copied (old-format weight files that would hold unmerged weights): {s.skipped_files}")
+        print(f"not copied (weight files other than the merged ones would hold unmerged weights): {s.skipped_files}")
     return 0
