@@ -146,11 +146,21 @@ def test_blocked_merge_equals_merge_and_unload(tmp_path, kind, monkeypatch):
     merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        absolute = copy.deepcopy(ours)
+        with torch.no_grad():
+            for p in absolute.parameters():
+                p.abs_()
+        mag = minilora.merge_and_unload(absolute).state_dict()  # |W| + s·|B||A|, in each layout
         want = minilora.merge_and_unload(ours).state_dict()
     got = folder_tensors(tmp_path / "out")
     changed = 0
     for key, value in got.items():
-        assert torch.equal(value, want[key]), key
+        # Bit-identical when BLAS runs a block of rows of s·B@A on the same kernel as the whole
+        # product (MKL on AVX-512 here); MKL's AVX2 kernels sum its r = 8 terms in another order
+        # for 256 rows than for 700. Either way each side is within r + 3 float32 roundings of
+        # |W| + s·|B||A| of the exact value, so within twice that of each other.
+        bound = 2 * (8 + 3) * 2**-24 * mag[key].double()
+        assert ((value.double() - want[key].double()).abs() <= bound).all(), key
         changed += not torch.equal(value, base.state_dict()[key])
     assert changed >= 4
 

@@ -1,13 +1,18 @@
 """minilora against peft on the same weights: the equivalence matrix of the core library.
 
-For each (model, config) case the base model is built once and deep-copied into
-``minilora.inject`` and ``peft.get_peft_model`` with the same config; our adapter tensors (made
-random, so B != 0) are copied into peft's model. Then both must agree on: the adapted module
+For each (model, config) case the base model is built once, cast to float64 and deep-copied
+into ``minilora.inject`` and ``peft.get_peft_model`` with the same config; our adapter tensors
+(made random, so B != 0) are copied into peft's model. Then both must agree on: the adapted module
 names, the trainable-parameter count, the outputs, the gradient of every trainable tensor, the
 merged outputs and the merge_and_unload models (outputs and state dicts).
 
 Convs that peft gets wrong (dilation, padding_mode) are checked against a float64 reference
 computed here instead.
+
+Why float64: two correct implementations differ only in rounding (peft adds s·B(A x) to the base
+output, minilora folds s into one addmm_; merging rounds W + s·BA), and in float32 how far that
+goes depends on the CPU's kernels (AVX2, AVX-512 and the scalar path sum in different orders):
+a fixed float32 bound is either unsafe on some machine or too loose. In float64 it is not.
 """
 
 from __future__ import annotations
@@ -69,6 +74,22 @@ CASES = [
 # Phi-3 fuses q/k/v and gate/up: only o_proj and down_proj of the tutorial list exist.
 PHI3_UNMATCHED = ["k_proj", "q_proj", "v_proj", "gate_proj", "up_proj"]
 
+# float64 comparisons, as a fraction of the compared tensor's largest value (gradients: of the
+# largest gradient in the model, so one that is zero in exact arithmetic, like BERT's key bias,
+# is not judged on its own rounding noise). u = 2**-53 ~ 1.1e-16; a sum of n terms, in any
+# order, is off by at most ~n·u·Σ|terms| (Higham, Accuracy and Stability of Numerical
+# Algorithms, ch. 4); here n <= 1536 (MiniLM's FFN), values O(1) after LayerNorm/RMSNorm, and at
+# most 6 layers and their backward compound it: ~6 · 1536 · 1.1e-16 ~ 1e-12 (measured: <= 3e-14).
+# A real difference (a missing term, a wrong scale, another dropout mask) is of the order of the
+# adapters' effect, which every case checks is > 1e-2 (measured >= 0.26). FP64_TOL sits far from both.
+FP64_TOL = 1e-9
+# Merged models: minilora computes the merged delta s·B·A in float32 whatever the weight dtype
+# (LoraLayer.delta_weight; peft uses the weight's dtype), so a merged float64 weight carries float32
+# rounding of the delta: <= (r + 2)·2**-24 ~ 1.1e-6 (r <= 16) of s·|B||A| per element. Through the
+# network that grows with depth (measured: 8e-6 after MiniLM's 6 layers, 2e-7 on the weights).
+# Still 100x under the adapters' effect. Becomes FP64_TOL if the delta ever keeps float64.
+MERGE_TOL = 1e-4
+
 
 # ---------------------------------------------------------------- helpers
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -102,17 +123,21 @@ def peft_name(ours_name: str, lora_modules: dict) -> str:
     return prefix + ours_name
 
 
+def as64(inputs: dict) -> dict:
+    return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+
+
 def build_pair(kind: str, fields: dict, base=None, peft_only: dict | None = None):
-    """(base, ours, peft model, inputs) with identical random adapter weights in both.
-    ``peft_only``: extra peft.LoraConfig fields (e.g. ensure_weight_tying)."""
-    base = build(kind) if base is None else base
+    """(base, ours, peft model, inputs), all float64, with identical random adapter weights in
+    both. ``peft_only``: extra peft.LoraConfig fields (e.g. ensure_weight_tying)."""
+    base = (build(kind) if base is None else copy.deepcopy(base)).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = minilora.inject(copy.deepcopy(base), minilora.LoraConfig(**fields))
         pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**fields, **(peft_only or {})))
     randomize_adapters(ours)
     copy_to_peft(ours, pm)
-    return base, ours, pm, example_inputs(kind, base)
+    return base, ours, pm, as64(example_inputs(kind, base))
 
 
 def run(model, inputs, train: bool, seed: int = 0) -> torch.Tensor:
@@ -144,7 +169,6 @@ def trainable_grads(ours, pm) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 def check_pair(kind: str, fields: dict, base=None, peft_only: dict | None = None) -> tuple:
     """Every comparison of the matrix; returns both merge_and_unload models for extra checks."""
     base, ours, pm, inputs = build_pair(kind, fields, base, peft_only)
-    ours64 = copy.deepcopy(ours).double()  # the float64 truth, to arbitrate rounding differences
     # same adapted module set, same trainable-parameter count
     assert sorted(minilora.adapted_modules(ours)) == peft_lora_names(pm)
     assert minilora.find_targets(base, minilora.LoraConfig(**fields)) == minilora.adapted_modules(ours)
@@ -154,31 +178,16 @@ def check_pair(kind: str, fields: dict, base=None, peft_only: dict | None = None
     train = fields.get("lora_dropout", 0.0) > 0
     base_out = run(base, inputs, False)
     y_ours, y_peft = run(ours, inputs, train), run(pm, inputs, train)
-    assert max_rel_err(y_ours, y_peft) <= 1e-6
-    assert max_rel_err(y_ours, base_out) > 1e-4, "adapters had no effect: the comparison proves nothing"
+    assert max_rel_err(y_ours, y_peft) <= FP64_TOL
+    assert max_rel_err(y_ours, base_out) > 1e-2, "adapters had no effect: the comparison proves nothing"
     loss_of(y_ours).backward()
     loss_of(y_peft).backward()
     grads = trainable_grads(ours, pm)
     assert grads
-    truth = None
+    assert all(g_ours is not None and g_peft is not None for _, g_ours, g_peft in grads)
+    scale = max(g_peft.abs().max().item() for _, _, g_peft in grads)
     for name, g_ours, g_peft in grads:
-        assert g_ours is not None and g_peft is not None, name
-        if max_rel_err(g_ours, g_peft) <= 1e-5:
-            continue
-        # Where fp32 rounding alone separates the two (minilora's same-dtype path folds the scale
-        # into one addmm_; a gradient that nearly cancels, like a query bias in real BERT, shows it
-        # in relative terms), minilora must be as close to the float64 truth as peft is.
-        assert not train, name  # dropout masks differ between dtypes: no float64 arbiter there
-        if truth is None:
-            loss_of(run(ours64, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()},
-                        False)).backward()
-            lora64 = dict(lora_layers(ours64))
-            truth = {peft_name(n, lora64): p.grad for n, p in ours64.named_parameters() if p.requires_grad}
-        err_ours = (g_ours.double() - truth[name]).abs().max().item()
-        err_peft = (g_peft.double() - truth[name]).abs().max().item()
-        # Measured: err_ours / err_peft <= 1.7 over the BERT cases; a wrong scale or a missing
-        # term is orders of magnitude above either rounding error.
-        assert err_ours <= 4 * err_peft, (name, err_ours, err_peft)
+        assert (g_ours - g_peft).abs().max().item() <= FP64_TOL * scale, name
     if train:  # the dropout really acts: another seed, another output
         assert max_rel_err(run(ours, inputs, True, seed=1), y_ours) > 1e-4
         assert max_rel_err(run(ours, inputs, True, seed=0), y_ours) == 0
@@ -189,8 +198,8 @@ def check_pair(kind: str, fields: dict, base=None, peft_only: dict | None = None
         minilora.merge(ours)
         pm.merge_adapter()
         merged_ours, merged_peft = run(ours, inputs, False), run(pm, inputs, False)
-        assert max_rel_err(merged_ours, merged_peft) <= 1e-6
-        assert max_rel_err(merged_ours, unmerged) <= 1e-4  # 6 real BERT layers amplify fp32 rounding
+        assert max_rel_err(merged_ours, merged_peft) <= MERGE_TOL
+        assert max_rel_err(merged_ours, unmerged) <= MERGE_TOL
 
         # merge_and_unload: same module types, same state dict, same outputs
         with warnings.catch_warnings():
@@ -201,8 +210,8 @@ def check_pair(kind: str, fields: dict, base=None, peft_only: dict | None = None
         sd_ours, sd_peft = plain_ours.state_dict(), plain_peft.state_dict()
         assert list(sd_ours) == list(sd_peft) == list(base.state_dict())
         for key in sd_ours:
-            assert max_rel_err(sd_ours[key], sd_peft[key]) <= 1e-6, key
-        assert max_rel_err(run(plain_ours, inputs, False), run(plain_peft, inputs, False)) <= 1e-6
+            assert max_rel_err(sd_ours[key], sd_peft[key]) <= MERGE_TOL, key
+        assert max_rel_err(run(plain_ours, inputs, False), run(plain_peft, inputs, False)) <= MERGE_TOL
     return plain_ours, plain_peft
 
 
@@ -297,14 +306,14 @@ def _conv_reference(model, x: torch.Tensor, merged: bool, factors: dict | None =
     ("conv2d", dict(groups=2)), ("conv1d", dict(groups=4, dilation=2)),
 ])
 def test_conv_geometry_against_float64(kind, overrides):
-    base = build(kind, **overrides)
+    base = build(kind, **overrides).double()  # float64 on both sides: see FP64_TOL
     ours = minilora.inject(copy.deepcopy(base), target_modules=["conv0", "conv1"], r=4, lora_alpha=6)
     randomize_adapters(ours)
-    x = example_inputs(kind, base)["x"]
+    x = example_inputs(kind, base)["x"].double()
     grouped = overrides.get("groups", 1) > 1
     y = output_of(ours(x))
     ref = _conv_reference(ours, x, merged=not grouped)
-    assert max_rel_err(y, ref) <= 1e-6
+    assert max_rel_err(y, ref) <= FP64_TOL
 
     # gradients of A and B against float64 autograd
     factors = {name: tuple(p.detach().double().requires_grad_(True)
@@ -312,12 +321,12 @@ def test_conv_geometry_against_float64(kind, overrides):
                                      getattr(ours, name).adapters["default"].lora_B))
                for name in ("conv0", "conv1")}
     weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    (y * weights.float()).sum().backward()
+    (y * weights).sum().backward()
     (_conv_reference(ours, x, not grouped, factors) * weights).sum().backward()
     for name, (A64, B64) in factors.items():
         ad = getattr(ours, name).adapters["default"]
-        assert max_rel_err(ad.lora_A.grad, A64.grad) <= 1e-5
-        assert max_rel_err(ad.lora_B.grad, B64.grad) <= 1e-5
+        assert max_rel_err(ad.lora_A.grad, A64.grad) <= FP64_TOL
+        assert max_rel_err(ad.lora_B.grad, B64.grad) <= FP64_TOL
 
     if grouped:
         with pytest.raises(ValueError, match=r"grouped conv \(groups=\d\) cannot be merged"):
@@ -325,7 +334,7 @@ def test_conv_geometry_against_float64(kind, overrides):
     else:
         with torch.no_grad():
             minilora.merge(ours)
-            assert max_rel_err(output_of(ours(x)), ref) <= 1e-5
+            assert max_rel_err(output_of(ours(x)), ref) <= MERGE_TOL
 
     # peft's conv LoRA drops dilation / padding_mode: it crashes or gives another output.
     if overrides.get("dilation", 1) > 1 or overrides.get("padding_mode", "zeros") != "zeros":
@@ -393,7 +402,7 @@ def test_peft_without_ensure_weight_tying_unties():
 
 
 def test_lora_on_a_tied_embedding_unties_on_merge_and_says_so_in_the_config():
-    base = _tied_llama()
+    base = _tied_llama().double()  # float64: see FP64_TOL
     ours = minilora.inject(copy.deepcopy(base), target_modules=["embed_tokens", "q_proj"])
     randomize_adapters(ours)
     inputs = example_inputs("llama", base)
@@ -404,4 +413,4 @@ def test_lora_on_a_tied_embedding_unties_on_merge_and_says_so_in_the_config():
         assert plain.lm_head.weight is not plain.model.embed_tokens.weight
         assert plain.config.tie_word_embeddings is False
         assert torch.equal(plain.lm_head.weight, base.lm_head.weight)  # the output side keeps its weight
-        assert max_rel_err(output_of(plain(**inputs)), before) <= 1e-5
+        assert max_rel_err(output_of(plain(**inputs)), before) <= MERGE_TOL

@@ -118,7 +118,7 @@ def test_dpr_embeddings_size_with_lora_on_encode_proj():
     assert minilora.adapted_modules(model) == ["ctx_encoder.encode_proj"]
     assert model.ctx_encoder.embeddings_size == 8 == theirs.base_model.model.ctx_encoder.embeddings_size
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    with torch.no_grad():  # B = 0 at init: both give the base model's output (bit for bit in practice)
         torch.testing.assert_close(model(ids).pooler_output, theirs(ids).pooler_output)
 
 
@@ -138,4 +138,4 @@ def test_compiled_forward_reads_hyper_parameters_without_graph_break():
     expected = model(x)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
-    torch.testing.assert_close(compiled(x), expected)
+    torch.testing.assert_close(compiled(x), expected)  # backend="eager": the same kernels, bit for bit
