@@ -29,7 +29,7 @@ from minilora import ops
 from minilora.rows import RowAdapters
 
 __all__ = ["LoraAdapter", "LoraLayer", "LoraLinear", "LoraConv1D", "LoraEmbedding", "LoraConv",
-           "lora_layer_class", "SUPPORTED_TYPES"]
+           "lora_layer_class", "merge_dtype", "SUPPORTED_TYPES"]
 
 SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
 
@@ -74,6 +74,12 @@ def _from_base(attr: str) -> property:
                              f"minilora.inject, or after minilora.unload")
 
     return property(get, refuse, doc=f"The base layer's ``{attr}`` (read-only).")
+
+
+def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a delta s·B·A is computed in before W + delta is rounded once to the weight's
+    dtype: fp32 for bf16/fp16/fp32 weights, fp64 for fp64 ones (fp32 would throw away precision)."""
+    return torch.promote_types(weight_dtype, torch.float32)
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -192,7 +198,8 @@ class LoraLayer(nn.Module):
         return None
 
     def merged_weights(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight and bias with ``names`` added, computed in fp32, rounded once."""
+        """The weight and bias with ``names`` added, computed in ``merge_dtype`` (fp32; fp64 for an
+        fp64 weight), rounded once."""
         problem = self.merge_problem(names)
         if problem:
             raise ValueError(f"cannot merge: {problem}")
@@ -303,7 +310,8 @@ class LoraLinear(LoraLayer):
         return super().forward(x)
 
     def delta_weight(self, adapter):
-        return adapter.scaling * (adapter.lora_B.float() @ adapter.lora_A.float())
+        dtype = merge_dtype(self.weight.dtype)
+        return adapter.scaling * (adapter.lora_B.to(dtype) @ adapter.lora_A.to(dtype))
 
 
 class LoraConv1D(LoraLinear):
@@ -365,7 +373,8 @@ class LoraEmbedding(LoraLayer):
         return out if adapter.lora_bias is None else out + adapter.lora_bias * adapter.scaling
 
     def delta_weight(self, adapter):
-        return adapter.scaling * (adapter.lora_B.float() @ adapter.lora_A.float()).T
+        dtype = merge_dtype(self.weight.dtype)
+        return adapter.scaling * (adapter.lora_B.to(dtype) @ adapter.lora_A.to(dtype)).T
 
 
 class LoraConv(LoraLayer):
@@ -430,8 +439,9 @@ class LoraConv(LoraLayer):
         problem = self.merge_problem([])
         if problem:
             raise ValueError(problem)
-        B = adapter.lora_B.float().flatten(1)  # (out, r)
-        return adapter.scaling * torch.einsum("or,r...->o...", B, adapter.lora_A.float())
+        dtype = merge_dtype(self.weight.dtype)
+        B = adapter.lora_B.to(dtype).flatten(1)  # (out, r)
+        return adapter.scaling * torch.einsum("or,r...->o...", B, adapter.lora_A.to(dtype))
 
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

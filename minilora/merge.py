@@ -66,7 +66,7 @@ def _retie(model: nn.Module) -> None:
 
 def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
           adapter_names: Sequence[str] | str | None = None) -> nn.Module:
-    """Add the adapters' deltas (s·B@A, computed in fp32, rounded once) into the base weights.
+    """Add the adapters' deltas (s·B@A, computed in fp32 (fp64 for fp64 weights), rounded once) into the base weights.
 
     Args:
         safe: check every merged weight for non-finite values first; on any, raise naming the

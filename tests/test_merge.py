@@ -28,12 +28,12 @@ def rounding_bound(dtype: torch.dtype, low: int, fp32: int) -> float:
     return low * torch.finfo(dtype).eps / 2 + fp32 * U32
 
 
-# Whole models merged in float64. The one rounding above 1e-16 there is minilora's: it forms the
-# delta s·B·A in float32 whatever the weight dtype (LoraLayer.delta_weight), off by at most
-# (r + 2)·U32 ~ 3.6e-7 (r = 4) of s·|B||A| per weight element, in any summation order. These
-# nets (<= 2 layers, |B||A| <~ |W|) pass that on about unamplified: measured <= 6e-7 of the output
-# (GPT-2). A wrong merge is of the order of the adapters' effect (> 1e-3, checked): 1e-5 between.
-MODEL_MERGE_TOL = 1e-5
+# Whole models merged in float64: the delta s·B·A is formed in float64 too (merge_dtype; it was
+# float32, off by (r + 2)·U32 ~ 3.6e-7), so every rounding is float64's: ~n·2**-53·Σ|terms| with
+# n <= 64 terms per dot product and <= 2 layers (Higham ch. 3-4, any summation order), i.e. about
+# 1e-14 relative. A wrong merge is of the order of the adapters' effect (> 1e-3, checked): 1e-10
+# sits far from both.
+MODEL_MERGE_TOL = 1e-10
 
 
 def rel_err(a, b) -> float:

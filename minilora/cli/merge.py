@@ -45,6 +45,7 @@ import torch
 from minilora.atomic import fsync_folder
 from minilora.cli import CliError
 from minilora.config import LoraConfig
+from minilora.layers import merge_dtype
 from minilora.matching import closest_names, pattern_key
 from minilora.patterns import PatternError, time_budget
 from minilora.peft_format import (CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME, AdapterFileError,
@@ -97,8 +98,9 @@ class MergeSummary:
 
 
 # Rows per block: about 1M elements (4 MiB as fp32), but never fewer than 256 rows. The floor keeps
-# each block's s·B@A on the same BLAS kernel as the whole product (a handful of rows goes down a
-# GEMV path whose summation order differs), so the merged bits equal merge_and_unload's.
+# each block's s·B@A on a GEMM kernel like the whole product's (a handful of rows goes down a GEMV
+# path whose summation order differs), so the merged bits equal merge_and_unload's wherever the
+# BLAS sums a block as it sums the whole (not MKL limited to AVX2: there, within fp32 rounding).
 _BLOCK_ELEMENTS, _MIN_BLOCK_ROWS = 1 << 20, 256
 
 
@@ -242,13 +244,13 @@ def _modules(config: LoraConfig, tensors: dict[str, TensorEntry], weights_path: 
 
 
 def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter: Path) -> None:
-    """Every adapter tensor is floating point and finite in the dtype it is used in: fp32 for the
-    factors (the delta is computed in fp32), the checkpoint tensor's dtype for a tensor that
+    """Every adapter tensor is floating point and finite in the dtype it is used in: the merge
+    dtype for the factors (fp32; fp64 for an fp64 checkpoint), the checkpoint tensor's dtype for a tensor that
     replaces one. The same checks as ``load_adapter`` (``minilora.peft_format``), read in blocks of
     rows so a large modules_to_save copy costs no more memory than the merge itself."""
     where = str(adapter / WEIGHTS_NAME)
-    uses = [(getattr(m, f), torch.float32) for m in modules.values() for f in ("lora_A", "lora_B", "lora_bias")
-            if getattr(m, f) is not None]
+    uses = [(getattr(m, f), merge_dtype(_stored(ck_tensors, tied_to, m.name + ".weight").torch_dtype))
+            for m in modules.values() for f in ("lora_A", "lora_B", "lora_bias") if getattr(m, f) is not None]
     uses += [(ad_key, _stored(ck_tensors, tied_to, key).torch_dtype) for key, ad_key in replace.items()]
     for ad_key, dtype in sorted(uses):
         entry = ad_tensors[ad_key]
@@ -392,16 +394,16 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, conf
 
 
 # ---------------------------------------------------------------- the merge itself
-def _delta(m: _LoraModule, A: torch.Tensor, B: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Rows ``rows`` of s·B@A in fp32, in the weight's stored layout: the same arithmetic as the
-    LoRA layers' delta_weight (so the result equals ``merge_and_unload`` bit for bit), scaled in
-    place to keep one block-sized temporary. Transposed layouts (Conv1D, fan_in_fan_out,
-    embeddings) store rows of (B@A).T, i.e. columns of A."""
+def _delta(m: _LoraModule, A: torch.Tensor, B: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``rows`` of s·B@A in ``dtype`` (the weight's ``merge_dtype``), in the weight's stored
+    layout: the same arithmetic as the LoRA layers' delta_weight (so the result equals
+    ``merge_and_unload``; see _MIN_BLOCK_ROWS), scaled in place to keep one block-sized temporary.
+    Transposed layouts (Conv1D, fan_in_fan_out, embeddings) store rows of (B@A).T, i.e. columns of A."""
     if m.embedding or m.transposed:
-        return (B.float() @ A.float()[:, rows]).mul_(m.scaling).T
+        return (B.to(dtype) @ A.to(dtype)[:, rows]).mul_(m.scaling).T
     if A.dim() > 2:  # ConvNd: B (out, r, 1..) flattened to (out, r), A (r, in, *k)
-        return torch.einsum("or,r...->o...", B.float().flatten(1)[rows], A.float()).mul_(m.scaling)
-    return (B.float()[rows] @ A.float()).mul_(m.scaling)
+        return torch.einsum("or,r...->o...", B.to(dtype).flatten(1)[rows], A.to(dtype)).mul_(m.scaling)
+    return (B.to(dtype)[rows] @ A.to(dtype)).mul_(m.scaling)
 
 
 def _check_merged(key: str, base: torch.Tensor, merged: torch.Tensor) -> None:
@@ -446,7 +448,7 @@ class _Merger:
             if m is not None:
                 # W + fp32 delta adds in fp32 and rounds once, as LoraLayer.merged_weights does
                 # (in place into the delta: the sum is the same bits, with one temporary less).
-                t = _delta(m, A, B, rows).add_(t).to(dtype)
+                t = _delta(m, A, B, rows, merge_dtype(dtype)).add_(t).to(dtype)
             if bias is not None:
                 t = (t + mb.scaling * bias[rows]).to(dtype)
             if t is not base and t.is_floating_point():
