@@ -23,7 +23,8 @@ import secrets
 import stat
 from collections.abc import Callable
 
-__all__ = ["write_file", "commit", "stage", "remove_stale_temporaries", "fsync_folder", "is_temporary"]
+__all__ = ["write_file", "commit", "stage", "remove_stale_temporaries", "fsync_folder", "is_temporary",
+           "process_identity", "process_gone"]
 
 _SUFFIX = ".tmp"
 # .<final name>.<pid>.<random>.tmp
@@ -97,16 +98,33 @@ def fsync_folder(folder: str) -> None:
             os.close(fd)
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def process_identity(pid: int) -> str | None:
+    """Boot id and start time of process ``pid`` (Linux; None elsewhere). A later process given
+    the same PID (common in containers, where every run starts with the same few PIDs) differs."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return f"{boot}:{fields[19]}"  # field 22, starttime (fields count from 3 after the command name)
+    except (OSError, IndexError):
+        return None
+
+
+def process_gone(pid: int, identity: str | None = None) -> bool:
+    """Whether process ``pid`` has certainly stopped: no such process, or (given the
+    :func:`process_identity` it had) the PID now belongs to a later process. False whenever that
+    cannot be told (another user's process, no /proc), so nothing of a live writer is removed."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's), or we cannot tell: leave its files alone
-    return True
+        return True
+    except (OSError, OverflowError):
+        return False  # alive as another user, or cannot tell
+    now = process_identity(pid)
+    return bool(identity and now and identity != now)
 
 
 def remove_stale_temporaries(folder: str, *, subfolders: bool = False) -> list[str]:
@@ -123,7 +141,7 @@ def remove_stale_temporaries(folder: str, *, subfolders: bool = False) -> list[s
         items = list(it)
     for item in items:
         match = _TEMPORARY.fullmatch(item.name)
-        if match and item.is_file(follow_symlinks=False) and not _alive(int(match["pid"])):
+        if match and item.is_file(follow_symlinks=False) and process_gone(int(match["pid"])):
             with contextlib.suppress(OSError):
                 os.unlink(item.path)
                 removed.append(item.path)

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import minilora
+from minilora import atomic
 from minilora.checkpoint import save_adapter
 from minilora.cli import main
 from minilora.cli import merge as merge_module
@@ -237,7 +238,7 @@ def test_stale_partial_cleanup_removes_only_dead_merges_of_ours(ckpt):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     me = os.getpid()
-    identity = merge_module._process_identity(me)
+    identity = atomic.process_identity(me)
 
     def partial(name: str, pid: int, owner: dict | None) -> Path:
         folder = work / f".{name}.partial-{pid}-0123abcd"

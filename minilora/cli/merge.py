@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from minilora.atomic import fsync_folder
+from minilora.atomic import fsync_folder, process_gone, process_identity
 from minilora.cli import CliError
 from minilora.config import LoraConfig
 from minilora.layers import merge_dtype
@@ -566,23 +566,12 @@ _PARTIAL = re.compile(r"\..+\.partial-(?P<pid>\d+)-[0-9a-f]{8}")
 _OWNER = ".owner"
 
 
-def _process_identity(pid: int) -> str | None:
-    """Boot id and start time of process ``pid`` (Linux; None elsewhere). A later process given
-    the same PID (common in containers, where every run starts with the same few PIDs) differs."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return f"{boot}:{fields[19]}"  # field 22, starttime (fields count from 3 after the command name)
-    except (OSError, IndexError):
-        return None
-
-
 def _claim_partial(out: Path) -> tuple[Path, Path]:
     """Create the partial folder for ``out`` and its owner file (first: a kill in between leaves
     an owner file alone, which the next merge removes); returns both."""
     tmp = out.parent / f".{out.name[:200]}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     owner = tmp.with_name(tmp.name + _OWNER)
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "process": _process_identity(os.getpid())}
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "process": process_identity(os.getpid())}
     fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     with os.fdopen(fd, "w") as handle:
         handle.write(json.dumps(info))
@@ -603,16 +592,7 @@ def _owner_gone(owner: str, pid: int) -> bool:
         return False
     if not isinstance(info, dict) or info.get("host", socket.gethostname()) != socket.gethostname():
         return False  # another machine's, on a shared file system: its processes cannot be seen from here
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, OverflowError):
-        return False  # alive as another user, or cannot tell
-    then, now = info.get("process"), _process_identity(pid)
-    return bool(then and now and then != now)  # the PID now belongs to a later process
+    return process_gone(pid, info.get("process"))
 
 
 def _remove_stale_partials(parent: Path) -> None:
