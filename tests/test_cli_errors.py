@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -531,3 +532,20 @@ def test_merge_refuses_an_update_that_overflows_the_weight(ckpt, capsys):
                                r"or NaN value\(s\) in torch\.float32: the update .* is beyond that dtype's range", "merge")
     assert not (base.parent / "out").exists()
     assert [p.name for p in base.parent.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_merge_refuses_a_catastrophic_rank_pattern_in_seconds(ckpt, capsys, monkeypatch):
+    # D7: `(.|.)*q` backtracks exponentially on "model.layers.0.self_attn.q_proj" (Python's re, and
+    # so peft, spins for hours). The budget is 5 s; 1 s here tests the same mechanism faster.
+    from minilora import patterns
+
+    monkeypatch.setattr(patterns, "MATCH_BUDGET_S", 1.0)
+    base, adapter = ckpt
+    _edit_adapter(adapter, lambda t: None)  # a peft-written file: no digest tying it to its config
+    _edit_json(adapter / "adapter_config.json", lambda d: d.update(rank_pattern={"(.|.)*q": 8}))
+    start = time.monotonic()
+    code, _, err = run_cli(capsys, "merge", "--no-progress", base, adapter, base.parent / "out")
+    assert time.monotonic() - start < 10  # generous for a busy CI machine
+    assert code == 1
+    assert_one_line_error(err, r"adapter_config\.json: matching module names against the regular expression "
+                               r".* took more than 1 s, so it was stopped", "merge")
