@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -125,8 +127,6 @@ def read_config_file(folder: str | os.PathLike) -> tuple[LoraConfig, dict[str, A
         AdapterFileError: missing, unreadable, not JSON, not an object, not a LoRA config, or a
             field value LoraConfig refuses (the message names the file and the field).
     """
-    import warnings
-
     path = os.path.join(os.fspath(folder), CONFIG_NAME)
     if not os.path.isfile(path):
         hint = "" if os.path.isdir(folder) else " (the folder itself does not exist)"
@@ -245,10 +245,7 @@ def _entry(path: str, key: str, info: Any, data_start: int) -> TensorEntry:
         isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
     if not ints(shape) or len(shape) > 8 or not ints(offsets, 2) or offsets[0] > offsets[1]:
         raise _fail(path, f"the header entry of {key!r} has shape {shape!r} and data_offsets {offsets!r}")
-    count = 1
-    for d in shape:
-        count *= d
-    nbytes = count * _DTYPES[dtype].itemsize
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != nbytes:
         raise _fail(path, f"tensor {key!r} holds {offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs {nbytes}")
     return TensorEntry(path, key, dtype, tuple(shape), data_start + offsets[0], nbytes)
@@ -262,10 +259,7 @@ def header_bytes(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadat
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for key, dtype, shape in layout:
-        count = 1
-        for d in shape:
-            count *= d
-        nbytes = count * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()

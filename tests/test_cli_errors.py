@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -66,6 +65,14 @@ def assert_one_line_error(err: str, pattern: str, command: str) -> None:
 
 
 # ---------------------------------------------------------------- merge
+def merge_fails(capsys, base, adapter, out, pattern: str) -> None:
+    """`minilora merge` exits 1 with one line matching ``pattern`` and leaves no OUT."""
+    code, _, err = run_cli(capsys, "merge", "--no-progress", base, adapter, out)
+    assert code == 1
+    assert_one_line_error(err, pattern, "merge")
+    assert not Path(out).exists()
+
+
 def _edit_adapter(adapter: Path, change) -> None:
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     change(tensors)
@@ -226,11 +233,7 @@ def test_merge_errors_leave_out_absent(ckpt, capsys, case):
     breaker, pattern = MERGE_ERRORS[case]
     breaker(base, adapter)
     before = snapshot(base), snapshot(adapter)
-    out = base.parent / "out"
-    code, stdout, err = run_cli(capsys, "merge", "--no-progress", base, adapter, out)
-    assert code == 1
-    assert_one_line_error(err, pattern, "merge")
-    assert not out.exists()
+    merge_fails(capsys, base, adapter, base.parent / "out", pattern)
     assert [p.name for p in base.parent.iterdir() if p.name.startswith(".out")] == []
     assert (snapshot(base), snapshot(adapter)) == before
 
@@ -503,10 +506,7 @@ def test_load_adapter_and_merge_refuse_the_same_bad_values(ckpt, capsys, case):
     with pytest.raises(minilora.AdapterFileError, match=pattern):
         minilora.load_adapter(model, adapter)
     assert not hasattr(model, "minilora_state")
-    code, _, err = run_cli(capsys, "merge", "--no-progress", base, adapter, base.parent / "out")
-    assert code == 1
-    assert_one_line_error(err, pattern, "merge")
-    assert not (base.parent / "out").exists()
+    merge_fails(capsys, base, adapter, base.parent / "out", pattern)
 
 
 def test_merge_refuses_a_value_that_overflows_an_fp16_checkpoint(tmp_path, capsys):
@@ -517,20 +517,17 @@ def test_merge_refuses_a_value_that_overflows_an_fp16_checkpoint(tmp_path, capsy
     save_adapter(model, tmp_path / "adapter")
     _edit_adapter(tmp_path / "adapter", _set(HEAD, lambda v: v.clone().fill_(1e5)))
     capsys.readouterr()
-    code, _, err = run_cli(capsys, "merge", "--no-progress", tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
-    assert code == 1
-    assert_one_line_error(err, rf"'{re.escape(HEAD)}' has 2048 value\(s\) that are NaN or inf as torch\.float16", "merge")
+    merge_fails(capsys, tmp_path / "base", tmp_path / "adapter", tmp_path / "out",
+                rf"'{re.escape(HEAD)}' has 2048 value\(s\) that are NaN or inf as torch\.float16")
 
 
 def test_merge_refuses_an_update_that_overflows_the_weight(ckpt, capsys):
     # every factor finite (1e20 fits fp32), the product s * B @ A (1e40 * 8 * 0.125 ...) does not
     base, adapter = ckpt
     _edit_adapter(adapter, lambda t: (t[Q_A].fill_(1e20), t[Q_B].fill_(1e20)))
-    code, _, err = run_cli(capsys, "merge", "--no-progress", base, adapter, base.parent / "out")
-    assert code == 1
-    assert_one_line_error(err, r"merging the adapter into 'model\.layers\.0\.self_attn\.q_proj\.weight' gives 1024 inf "
-                               r"or NaN value\(s\) in torch\.float32: the update .* is beyond that dtype's range", "merge")
-    assert not (base.parent / "out").exists()
+    merge_fails(capsys, base, adapter, base.parent / "out",
+                r"merging the adapter into 'model\.layers\.0\.self_attn\.q_proj\.weight' gives 1024 inf "
+                r"or NaN value\(s\) in torch\.float32: the update .* is beyond that dtype's range")
     assert [p.name for p in base.parent.iterdir() if p.name.startswith(".out")] == []
 
 
@@ -544,8 +541,6 @@ def test_merge_refuses_a_catastrophic_rank_pattern_in_seconds(ckpt, capsys, monk
     _edit_adapter(adapter, lambda t: None)  # a peft-written file: no digest tying it to its config
     _edit_json(adapter / "adapter_config.json", lambda d: d.update(rank_pattern={"(.|.)*q": 8}))
     start = time.monotonic()
-    code, _, err = run_cli(capsys, "merge", "--no-progress", base, adapter, base.parent / "out")
+    merge_fails(capsys, base, adapter, base.parent / "out", r"adapter_config\.json: matching module names against "
+                r"the regular expression .* took more than 1 s, so it was stopped")
     assert time.monotonic() - start < 10  # generous for a busy CI machine
-    assert code == 1
-    assert_one_line_error(err, r"adapter_config\.json: matching module names against the regular expression "
-                               r".* took more than 1 s, so it was stopped", "merge")

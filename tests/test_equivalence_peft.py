@@ -18,7 +18,6 @@ a fixed float32 bound is either unsafe on some machine or too loose. In float64 
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 
 import pytest

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 import minilora
-from minilora.inject import lora_layers
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

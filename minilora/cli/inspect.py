@@ -20,7 +20,7 @@ import torch.nn as nn
 from minilora.cli import CliError, one_line
 from minilora.config import LoraConfig
 from minilora.inject import find_targets, inject, trainable_parameters
-from minilora.layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLinear, lora_layer_class
+from minilora.layers import LoraConv, LoraConv1D, LoraEmbedding, lora_layer_class
 from minilora.matching import closest_names, unmatched_targets
 from minilora.peft_format import read_json
 

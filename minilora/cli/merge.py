@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -106,9 +107,7 @@ _BLOCK_ELEMENTS, _MIN_BLOCK_ROWS = 1 << 20, 256
 
 def _row_blocks(shape: tuple[int, ...]) -> list[slice]:
     rows = shape[0] if shape else 1
-    per_row = 1
-    for d in shape[1:]:
-        per_row *= d
+    per_row = math.prod(shape[1:])
     step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(per_row, 1))
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
 
