@@ -31,7 +31,7 @@ ALPHA_LIMIT = 1e6
 Targets = Union[list[str], str, None]
 
 # The peft feature fields above (see the class), and the bookkeeping ones with their types.
-_FEATURES_OFF = ("use_dora", "use_qalora", "loftq_config", "megatron_config", "layer_replication",
+_FEATURES_OFF = ("use_qalora", "loftq_config", "megatron_config", "layer_replication",
                  "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config", "velora_config",
                  "alora_invocation_tokens", "monteclora_config", "target_parameters", "use_bdlora",
                  "arrow_config", "kasa_config")
@@ -112,11 +112,13 @@ class LoraConfig:
         fan_in_fan_out: the base weight is stored (in, out) — transformers' Conv1D; detected
             and corrected automatically, with a warning.
         lora_bias: a trainable bias on B (peft's ``lora_bias``).
+        use_dora: DoRA (weight-decomposed LoRA): a trainable magnitude per output rescales the
+            adapted weight's direction, (m / ‖W + sBA‖) ⊙ (W + sBA); see docs/guide.md.
         task_type: peft's task type; ``"SEQ_CLS"`` also trains ``classifier``/``score`` heads
             and keeps "all-linear" off them.
         inference_mode: adapters are frozen after inject/load.
         base_model_name_or_path: written into adapter_config.json.
-        use_dora, use_qalora, loftq_config, target_parameters, trainable_token_indices, ...: every
+        use_qalora, loftq_config, target_parameters, trainable_token_indices, ...: every
             other field of ``peft.LoraConfig``, for features minilora does not implement; accepted
             at the value that switches the feature off (a no-op), refused (ValueError) otherwise.
         peft_type, peft_version, revision, auto_mapping, ...: peft's bookkeeping; kept for the
@@ -223,9 +225,12 @@ class LoraConfig:
                     _fail(name, {key: value}, f"each key is a module-name pattern and each value {kind}")
                 _check_pattern(name, key, key, "keys are regular expressions")
             set_(name, {k: int(v) if cast is int else v for k, v in pattern.items()})
-        for name in ("fan_in_fan_out", "lora_bias", "inference_mode"):
+        for name in ("fan_in_fan_out", "lora_bias", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
+        if self.use_dora and self.lora_bias:  # as peft: DoRA's norm has no place for a bias on B
+            _fail("lora_bias", self.lora_bias, "lora_bias=True does not work with use_dora=True (as in peft); "
+                                               "set one of them to False")
         task = self.task_type.value if hasattr(self.task_type, "value") else self.task_type
         if task not in TASK_TYPES:
             _fail("task_type", self.task_type, f"allowed values are {TASK_TYPES}")
@@ -296,7 +301,7 @@ class LoraConfig:
 
         Raises:
             ValueError: for a non-LoRA ``peft_type``, or a peft feature minilora does not
-                implement switched on (e.g. ``use_dora=True``): loading it would silently give
+                implement switched on (e.g. ``use_qalora=True``): loading it would silently give
                 another model than peft builds.
         """
         if not isinstance(data, Mapping):

@@ -341,7 +341,7 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
         layer = module if isinstance(module, LoraLayer) else target.layer_cls(module)
         layer.add_adapter(adapter_name, r=target.r, alpha=target.alpha,
                           scaling=config.scaling_for(target.r, target.alpha), dropout=config.lora_dropout,
-                          lora_bias=config.lora_bias, init=config.init_lora_weights)
+                          lora_bias=config.lora_bias, init=config.init_lora_weights, use_dora=config.use_dora)
         if layer is not module:
             swaps[id(module)] = layer
     copies = {}

@@ -9,7 +9,11 @@ weights do not move. Adapters live in ``self.adapters[name]`` (a :class:`LoraAda
     model.layers.0.q_proj.adapters.default.lora_B   (out, r)
 
 Forward: ``y = base(x) + Σ_active s · B(A(dropout(x)))``; merged adapters are already in the
-weight and are skipped. The original base module is kept (unregistered) only for its
+weight and are skipped. A DoRA adapter (``use_dora=True``) also holds a trainable magnitude m, one
+value per output, and rescales the running output (see :meth:`LoraLayer.dora_step`)::
+
+    model.layers.0.q_proj.adapters.default.magnitude  (out,)  [ConvNd: (1, out, 1, ...)]
+ The original base module is kept (unregistered) only for its
 hyper-parameters and to be put back by ``unload``. Those hyper-parameters read through the LoRA
 layer under the base's names (``q_proj.out_features``, ``emb.padding_idx``, ``conv.kernel_size``;
 also peft's ``in_features`` / ``out_features`` on every kind), read-only.
@@ -26,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora import ops
+from minilora.ops import merge_dtype
 from minilora.rows import RowAdapters
 
 __all__ = ["LoraAdapter", "LoraLayer", "LoraLinear", "LoraConv1D", "LoraEmbedding", "LoraConv",
@@ -39,20 +44,27 @@ class LoraAdapter(nn.Module):
 
     Shapes (r = rank): Linear/Conv1D A (r, in), B (out, r); Embedding A (r, num_embeddings),
     B (dim, r); ConvNd A (r, in, *kernel), B (out, r // groups, 1, ...). ``lora_bias`` (out,) is
-    peft's bias on B, scaled like the rest of the branch.
+    peft's bias on B, scaled like the rest of the branch. ``magnitude`` is DoRA's m, shaped as
+    peft saves it: (out,), (dim,) for an Embedding, (1, out, 1, ...) for a ConvNd; None for LoRA.
     """
 
     def __init__(self, A_shape: tuple[int, ...], B_shape: tuple[int, ...], *, r: int, alpha: float,
                  scaling: float, dropout: float, lora_bias: bool, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, magnitude_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(A_shape, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(B_shape, dtype=dtype, device=device))
         self.lora_bias = nn.Parameter(torch.zeros(B_shape[0], dtype=dtype, device=device)) if lora_bias else None
+        self.magnitude = None if magnitude_shape is None else \
+            nn.Parameter(torch.empty(magnitude_shape, dtype=dtype, device=device))
+        # DoRA's factor m / ‖W + sBA‖ at merge time, in the weight's layout: unmerge without
+        # keep_original divides it out (the norm of the merged weight is another number).
+        self.register_buffer("merged_scale", None, persistent=False)
         self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
+        dora = ", dora" if self.magnitude is not None else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}{dora}"
 
 
 def _from_base(attr: str) -> property:
@@ -76,12 +88,6 @@ def _from_base(attr: str) -> property:
     return property(get, refuse, doc=f"The base layer's ``{attr}`` (read-only).")
 
 
-def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a delta s·B·A is computed in before W + delta is rounded once to the weight's
-    dtype: fp32 for bf16/fp16/fp32 weights, fp64 for fp64 ones (fp32 would throw away precision)."""
-    return torch.promote_types(weight_dtype, torch.float32)
-
-
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     # As peft: adapters stay fp32 over a bf16/fp16 base (training stability); fp64 stays fp64.
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -90,12 +96,16 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 class LoraLayer(nn.Module):
     """Base class: bookkeeping shared by every kind; subclasses give the kind's math.
 
-    A subclass defines ``base_forward(x)``, ``branch(adapter, x)`` (the scaled LoRA term in the
-    adapter dtype), ``delta_weight(adapter)`` (fp32, the weight's shape) and ``factor_shapes(r)``.
+    A subclass defines ``base_forward(x, bias)``, ``lora_term(adapter, x)`` (the scaled LoRA term
+    in the adapter dtype, for an input already cast and dropped out), ``delta_weight(adapter)``
+    (``merge_dtype``, the weight's stored shape), ``factor_shapes(r)``, and for DoRA
+    ``dora_norm(adapter)`` (the low-rank forward norm) and ``magnitude_shape()``.
     """
 
     #: whether A is the large factor initialised with kaiming/gaussian (False for Embedding).
     init_on_A = True
+    #: whether the weight is stored (in, out), its outputs along dim 1 (Conv1D, Embedding's dims).
+    transposed = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -129,18 +139,22 @@ class LoraLayer(nn.Module):
         return None
 
     def add_adapter(self, name: str, *, r: int, alpha: float, scaling: float, dropout: float,
-                    lora_bias: bool, init: bool | str) -> LoraAdapter:
+                    lora_bias: bool, init: bool | str, use_dora: bool = False) -> LoraAdapter:
         problem = self.rank_problem(self.base_layer, r)
         if problem:
             raise ValueError(problem)
         A_shape, B_shape = self.factor_shapes(r)
         adapter = LoraAdapter(A_shape, B_shape, r=r, alpha=alpha, scaling=scaling, dropout=dropout,
                               lora_bias=lora_bias, dtype=_adapter_dtype(self.weight),
-                              device=self.weight.device)
+                              device=self.weight.device,
+                              magnitude_shape=self.magnitude_shape() if use_dora else None)
         adapter.train(self.training)
         self.adapters[name] = adapter
         if not adapter.lora_A.is_meta:  # meta tensors hold no values: nothing to initialise
             _INIT[init if isinstance(init, str) else bool(init)](self, adapter)
+            if use_dora:  # m starts at ‖W + sBA‖ (after pissa/olora moved W), so DoRA starts as LoRA
+                with torch.no_grad():
+                    adapter.magnitude.copy_(self.dora_direct_norm(adapter, self.weight.detach()))
         return adapter
 
     def set_active(self, names: tuple[str, ...]) -> None:
@@ -164,7 +178,8 @@ class LoraLayer(nn.Module):
             return y
         dtype = y.dtype
         for name in self._live:
-            y = y + self.branch(self.adapters[name], x)
+            adapter = self.adapters[name]
+            y = y + self.branch(adapter, x) if adapter.magnitude is None else self.dora_step(adapter, x, y)
         return y.to(dtype)
 
     def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,10 +195,65 @@ class LoraLayer(nn.Module):
             if name not in self.adapters:
                 continue  # '__base__', or an adapter that does not touch this layer
             rows = names.index(names.rows_of(name), x.device)
-            delta = self.branch(self.adapters[name], x.index_select(0, rows))
-            out = out.to(torch.promote_types(out.dtype, delta.dtype))
-            out = out.index_add(0, rows, delta.to(out.dtype))
+            adapter = self.adapters[name]
+            if adapter.magnitude is None:
+                delta = self.branch(adapter, x.index_select(0, rows))
+                out = out.to(torch.promote_types(out.dtype, delta.dtype))
+                out = out.index_add(0, rows, delta.to(out.dtype))
+            else:  # each row has one adapter: its DoRA output replaces the row's base output
+                new = self.dora_step(adapter, x.index_select(0, rows), y.index_select(0, rows))
+                out = out.to(torch.promote_types(out.dtype, new.dtype))
+                out = out.index_copy(0, rows, new.to(out.dtype))
         return out.to(dtype)
+
+    # ------------------------------------------------------------ DoRA
+    def branch(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        """s · B(A(dropout(x))) (+ s · lora_bias), in the adapter dtype."""
+        x = x.to(adapter.lora_A.dtype)
+        if adapter.dropout > 0.0 and self.training:
+            x = F.dropout(x, adapter.dropout, training=True)
+        return self.lora_term(adapter, x)
+
+    def dora_step(self, adapter: LoraAdapter, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """peft's DoRA update of the running output ``y`` (the base output, bias included, plus
+        the adapters before this one), with g = m / ‖W + sBA‖ (a constant for autograd)::
+
+            y + (g - 1) · base + g · s · B(A(x'))
+
+        Without dropout (or in eval) x' = x and base = y - bias, so the result is
+        bias + g ⊙ (y - bias + s·B A x): DoRA's (m / ‖W + sBA‖) ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + bias for a
+        lone adapter. With dropout in training, as in peft, x' = dropout(x) and base is x' Wᵀ
+        (computed in the weight's dtype, without the (out, in) cast of W peft makes).
+        """
+        g = adapter.magnitude / self.dora_norm(adapter)
+        x = x.to(adapter.lora_A.dtype)
+        if adapter.dropout > 0.0 and self.training:
+            x = F.dropout(x, adapter.dropout, training=True)
+            base = self.base_forward(x.to(self.weight.dtype), bias=False).to(x.dtype)
+        else:
+            bias = self.output_bias()
+            base = y if bias is None else y - bias
+        return y + (g - 1) * base + g * self.lora_term(adapter, x)
+
+    def output_bias(self) -> torch.Tensor | None:
+        """The base bias, shaped to broadcast over this layer's output."""
+        return self.bias
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (self.weight.shape[1 if self.transposed else 0],)
+
+    def dora_direct_norm(self, adapter: LoraAdapter, weight: torch.Tensor) -> torch.Tensor:
+        """‖weight + s·B·A‖ per output, formed in full in ``merge_dtype`` (initialisation and
+        merge; the offline merge sums the same blocks). Shaped like ``adapter.magnitude``."""
+        merged = weight.to(merge_dtype(weight.dtype)) + self.delta_weight(adapter).to(weight.device)
+        norm = ops.dora_merge_norm((merged[rows] for rows in ops.row_blocks(tuple(merged.shape))),
+                                   self.transposed)
+        return norm.view(self.magnitude_shape())
+
+    def dora_scale_weight(self, scale: torch.Tensor) -> torch.Tensor:
+        """A per-output factor laid out to multiply the stored weight."""
+        lead = (1, -1) if self.transposed else (-1,)
+        return scale.reshape(*lead, *(1,) * (self.weight.dim() - len(lead)))
 
     # ------------------------------------------------------------ merge
     def merge_problem(self, names: list[str], keep_original: bool = False) -> str | None:
@@ -204,13 +274,41 @@ class LoraLayer(nn.Module):
         if problem:
             raise ValueError(f"cannot merge: {problem}")
         weight, bias = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        unmerged = None  # the weight without merged adapters, for DoRA's norms (as forward sees it)
         for name in names:
             adapter = self.adapters[name]
-            # W (bf16) + delta (fp32) computes in fp32 and rounds once: peft's in-place add does the same.
-            weight = (weight + self.delta_weight(adapter).to(weight.device)).to(self.weight.dtype)
+            delta = self.delta_weight(adapter).to(weight.device)
+            if adapter.magnitude is None:
+                # W (bf16) + delta (fp32) computes in fp32 and rounds once: peft's in-place add does the same.
+                weight = (weight + delta).to(self.weight.dtype)
+            else:
+                # (m / ‖W0 + ΔW‖) ⊙ (W + ΔW) with W0 the unmerged weight, in merge_dtype, rounded once.
+                unmerged = self.unmerged_weight() if unmerged is None else unmerged
+                norm = self.dora_direct_norm(adapter, unmerged)
+                scale = self.dora_scale_weight(adapter.magnitude.detach().to(norm.dtype) / norm)
+                adapter.merged_scale = scale
+                weight = (scale * (weight + delta)).to(self.weight.dtype)
             if adapter.lora_bias is not None:
                 bias = (bias + adapter.scaling * adapter.lora_bias.detach()).to(self.bias.dtype)
         return weight, bias
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The weight without the merged adapters: the kept original, or (as peft) the current
+        weight with each merged adapter taken out again, rounded as unmerge rounds."""
+        if not self.merged:
+            return self.weight.detach()
+        if self.original_weights is not None:
+            return self.original_weights[0].to(self.weight.device)
+        weight = self.weight.detach()
+        for name in reversed(self.merged):
+            weight = self._take_out(weight, self.adapters[name])
+        return weight
+
+    def _take_out(self, weight: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+        delta = self.delta_weight(adapter).to(weight.device)
+        if adapter.magnitude is not None:
+            return (weight / adapter.merged_scale - delta).to(self.weight.dtype)
+        return (weight - delta).to(self.weight.dtype)
 
     def merge(self, names: list[str], keep_original: bool = False) -> None:
         names = [n for n in names if n not in self.merged]
@@ -250,8 +348,8 @@ class LoraLayer(nn.Module):
             else:
                 for name in reversed(names):  # LIFO, as peft
                     adapter = self.adapters[name]
-                    self.weight.copy_((self.weight - self.delta_weight(adapter).to(self.weight.device))
-                                      .to(self.weight.dtype))
+                    self.weight.copy_(self._take_out(self.weight, adapter))
+                    adapter.merged_scale = None
                     if adapter.lora_bias is not None:
                         self.bias.copy_((self.bias - adapter.scaling * adapter.lora_bias).to(self.bias.dtype))
                 self.merged = remaining
@@ -273,14 +371,20 @@ class LoraLayer(nn.Module):
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def base_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         raise NotImplementedError
 
-    def branch(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+    def lora_term(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
         raise NotImplementedError
+
+    def dora_norm(self, adapter: LoraAdapter) -> torch.Tensor:
+        """‖W + s·B·A‖ per output from the low-rank identity (``ops.dora_norm``), detached,
+        shaped like ``adapter.magnitude``."""
+        return ops.dora_norm(self.weight, adapter.lora_A, adapter.lora_B, adapter.scaling,
+                             transposed=self.transposed).view(self.magnitude_shape())
 
 
 class LoraLinear(LoraLayer):
@@ -293,18 +397,25 @@ class LoraLinear(LoraLayer):
         out_features, in_features = self.weight.shape
         return (r, in_features), (out_features, r)
 
-    def base_forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+    def base_forward(self, x, bias=True):
+        return F.linear(x, self.weight, self.bias if bias else None)
 
-    def branch(self, adapter, x):
-        return ops.lora_branch(x, adapter.lora_A, adapter.lora_B, adapter.scaling, adapter.dropout,
-                               self.training, adapter.lora_bias)
+    def lora_term(self, adapter, x):
+        return ops.lora_branch(x, adapter.lora_A, adapter.lora_B, adapter.scaling, lora_bias=adapter.lora_bias)
 
     def forward(self, x):
         # The hot path: one live adapter goes through ops.lora_linear (Triton kernels on CUDA).
         if len(self._live) == 1 and not self.disabled and self.row_adapters is None:
             adapter = self.adapters[self._live[0]]
-            if adapter.lora_bias is None:
+            if adapter.magnitude is not None:
+                # DoRA without dropout, one dtype: x Wᵀ + s·x Aᵀ Bᵀ through the same path, then the
+                # column scale; otherwise peft's order of operations in dora_step.
+                if (adapter.dropout == 0.0 or not self.training) and \
+                        x.dtype == self.weight.dtype == adapter.lora_A.dtype and \
+                        not torch.is_autocast_enabled(x.device.type):
+                    return ops.dora_linear(x, self.weight, self.bias, adapter.lora_A, adapter.lora_B,
+                                           adapter.scaling, adapter.magnitude, self.dora_norm(adapter))
+            elif adapter.lora_bias is None:
                 return ops.lora_linear(x, self.weight, self.bias, adapter.lora_A, adapter.lora_B,
                                        adapter.scaling, adapter.dropout, self.training)
         return super().forward(x)
@@ -321,14 +432,16 @@ class LoraConv1D(LoraLinear):
     nx = _from_base("nx")  # in
     in_features = _from_base("nx")  # peft's names for them
     out_features = _from_base("nf")
+    transposed = True
 
     def factor_shapes(self, r):
         in_features, out_features = self.weight.shape
         return (r, in_features), (out_features, r)
 
-    def base_forward(self, x):
+    def base_forward(self, x, bias=True):
         # Same op as Conv1D.forward, so results match the unwrapped layer bit for bit.
-        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(self.bias, flat, self.weight) if bias else flat @ self.weight
         return out.view(*x.shape[:-1], self.weight.shape[-1])
 
     def forward(self, x):
@@ -346,6 +459,7 @@ class LoraEmbedding(LoraLayer):
     """
 
     init_on_A = False
+    transposed = True  # DoRA's outputs are the embedding dims: the norm runs over tokens
     num_embeddings = _from_base("num_embeddings")
     embedding_dim = _from_base("embedding_dim")
     padding_idx = _from_base("padding_idx")
@@ -365,12 +479,20 @@ class LoraEmbedding(LoraLayer):
         return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type,
                            base.scale_grad_by_freq, base.sparse)
 
-    def base_forward(self, x):
+    def base_forward(self, x, bias=True):
         return self._embed(x, self.weight)
 
-    def branch(self, adapter, x):
+    def branch(self, adapter, x):  # integer ids: no cast, no dropout
+        return self.lora_term(adapter, x)
+
+    def lora_term(self, adapter, x):
         out = self._embed(x, adapter.lora_A.T) @ adapter.lora_B.T * adapter.scaling
         return out if adapter.lora_bias is None else out + adapter.lora_bias * adapter.scaling
+
+    def dora_step(self, adapter, x, y):
+        """peft's DoRA for embeddings: g ⊙ (y + s · embed(x, Aᵀ) Bᵀ), g = m / ‖Wᵀ + sBA‖ per dim."""
+        g = adapter.magnitude / self.dora_norm(adapter)
+        return g * y + g * self.lora_term(adapter, x)
 
     def delta_weight(self, adapter):
         dtype = merge_dtype(self.weight.dtype)
@@ -424,13 +546,35 @@ class LoraConv(LoraLayer):
             padding = 0
         return conv(x, weight, bias, base.stride, padding, base.dilation, groups)
 
-    def base_forward(self, x):
-        return self._conv(x, self.weight, self.bias, self.base_layer.groups)
+    def base_forward(self, x, bias=True):
+        return self._conv(x, self.weight, self.bias if bias else None, self.base_layer.groups)
 
-    def branch(self, adapter, x):
-        x = x.to(adapter.lora_A.dtype)
-        if adapter.dropout > 0.0 and self.training:
-            x = F.dropout(x, adapter.dropout, training=True)
+    def output_bias(self):
+        return None if self.bias is None else self.bias.view(1, -1, *(1,) * (self.weight.dim() - 2))
+
+    def magnitude_shape(self):
+        return (1, self.weight.shape[0], *(1,) * (self.weight.dim() - 2))
+
+    def dora_norm(self, adapter):
+        if self.base_layer.groups > 1:
+            return self.dora_direct_norm(adapter, self.weight.detach()).detach()
+        flat = ops.dora_norm(self.weight.flatten(1), adapter.lora_A.flatten(1), adapter.lora_B.flatten(1),
+                             adapter.scaling)
+        return flat.view(self.magnitude_shape())
+
+    def dora_direct_norm(self, adapter, weight):
+        if self.base_layer.groups == 1:
+            return super().dora_direct_norm(adapter, weight)
+        # A grouped conv's LoRA (A mixes all channels) has no weight of the base's shape. peft
+        # defines DoRA's norm there with B (out, r/g) read as (out/g, r) times A (r, in·k) reshaped
+        # to the weight's shape; minilora takes that definition so peft's adapters give peft's outputs.
+        dtype = merge_dtype(weight.dtype)
+        r = adapter.lora_A.shape[0]
+        lora = (adapter.lora_B.to(dtype).reshape(-1, r) @ adapter.lora_A.to(dtype).reshape(r, -1))
+        merged = weight.to(dtype) + adapter.scaling * lora.reshape(weight.shape)
+        return torch.linalg.vector_norm(merged.flatten(1), dim=1).view(self.magnitude_shape())
+
+    def lora_term(self, adapter, x):
         hidden = self._conv(x, adapter.lora_A, None, 1)
         return self._conv(hidden, adapter.lora_B, adapter.lora_bias, self.base_layer.groups,
                           full_geometry=False) * adapter.scaling

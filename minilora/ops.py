@@ -23,12 +23,15 @@ or ``=triton`` in the environment (read once, at import), ``set_backend(...)`` l
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend"]
+__all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend", "merge_dtype",
+           "row_blocks", "dora_norm", "dora_merge_norm", "dora_linear"]
 
 _BACKENDS = ("auto", "torch", "triton")
 # Read once: torch.compile bakes an os.environ lookup into the graph without a guard, so a later
@@ -136,3 +139,114 @@ def _lora_linear_torch(x, weight, bias, A, B, scaling, dropout_p, training):
         x = F.dropout(x, p=dropout_p, training=True)
     out.addmm_(F.linear(x, A), B.t(), alpha=scaling)  # += s · (x Aᵀ) Bᵀ
     return out.view(*lead, out.shape[-1])
+
+
+# ---------------------------------------------------------------- merging and DoRA
+def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a delta s·B·A is computed in before W + delta is rounded once to the weight's
+    dtype: fp32 for bf16/fp16/fp32 weights, fp64 for fp64 ones (fp32 would throw away precision)."""
+    return torch.promote_types(weight_dtype, torch.float32)
+
+
+# Rows per block of a merge: about 1M elements (4 MiB as fp32), never fewer than 256 rows. The floor
+# keeps each block's s·B@A on a GEMM kernel like the whole product's (a handful of rows goes down a
+# GEMV path whose summation order differs), so the offline merge's bits equal merge_and_unload's
+# wherever the BLAS sums a block as it sums the whole (not MKL limited to AVX2: there, within fp32
+# rounding). DoRA's merged row norms are summed over these same blocks by both merges.
+_BLOCK_ELEMENTS, _MIN_BLOCK_ROWS = 1 << 20, 256
+
+
+def row_blocks(shape: tuple[int, ...]) -> list[slice]:
+    """Consecutive slices of dim 0 covering a tensor of ``shape``, each about 1M elements."""
+    rows = shape[0] if shape else 1
+    per_row = math.prod(shape[1:])
+    step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(per_row, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
+
+
+def dora_merge_norm(blocks: Iterable[torch.Tensor], transposed: bool) -> torch.Tensor:
+    """‖V_i‖ for every output i of a merged weight V = W + s·B·A given as its ``row_blocks``.
+
+    Args:
+        blocks: consecutive blocks of V's stored rows, in ``merge_dtype``. Stored (out, ...) for
+            Linear and ConvNd; (in, out) when ``transposed`` (Conv1D, fan_in_fan_out, Embedding,
+            whose outputs are the embedding dims).
+    Returns:
+        (out,) in the blocks' dtype. The in-memory and the offline merge both sum over the same
+        blocks in the same order, so they get the same bits.
+    """
+    parts: list[torch.Tensor] = []
+    total = None
+    for block in blocks:
+        squares = block.flatten(1).square()
+        if transposed:  # every block holds a part of every output's column
+            part = squares.sum(0)
+            total = part if total is None else total + part
+        else:
+            parts.append(squares.sum(1))
+    return (total if transposed else torch.cat(parts)).sqrt()
+
+
+#: Rows whose low-rank norm² is under 1/DORA_FALLBACK of its rounding scale are recomputed directly:
+#: there W_i and s·(BA)_i nearly cancel, and the identity's error grows by that ratio.
+DORA_FALLBACK = 4.0
+
+
+@torch.no_grad()
+def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
+              transposed: bool = False) -> torch.Tensor:
+    """‖W_i + s·(B A)_i‖ for every output row i, without building an (out, in) temporary.
+
+    Uses ‖W_i + sΔ_i‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ: one (r, out) product A Wᵀ
+    and an (r, r) Gram matrix. A fp16/bf16 weight is read in blocks of rows cast to fp32.
+    The identity's rounding error is at most about (K+4)·u·(‖W_i‖ + s·Σ_k |B_ik|·‖A_k‖)² (Cauchy–Schwarz on
+    every product), which matters only where that scale dwarfs the result: W_i and s·Δ_i nearly
+    cancel. Those rows (scale > DORA_FALLBACK × result) are recomputed directly from W_i + s·B_i A,
+    so every norm is accurate to a few times the direct computation's rounding.
+
+    Args:
+        weight: (out, in), or (in, out) stored when ``transposed``. A: (r, in). B: (out, r).
+    Returns:
+        (out,) in ``merge_dtype(weight.dtype)``, detached (DoRA treats the norm as a constant).
+    """
+    dtype = merge_dtype(weight.dtype)
+    A, B = A.to(dtype), B.to(dtype)
+    rows = weight.T if transposed else weight  # (out, in) view
+    if weight.dtype == dtype:
+        AW = A @ rows.T  # (r, out)
+        w2 = torch.linalg.vector_norm(rows, dim=1).square()
+    else:  # cast blockwise: a whole-matrix cast is the (out, in) temporary this function avoids
+        AW = A.new_empty(A.shape[0], rows.shape[0])
+        w2 = A.new_empty(rows.shape[0])
+        for part in row_blocks(tuple(rows.shape)):
+            block = rows[part].to(dtype)
+            AW[:, part] = A @ block.T
+            w2[part] = torch.linalg.vector_norm(block, dim=1).square()
+    cross = (B * AW.T).sum(1)  # B_i · (A W_iᵀ)
+    quad = ((B @ (A @ A.T)) * B).sum(1)  # ‖(BA)_i‖²
+    norm2 = w2 + (2 * scaling) * cross + (scaling * scaling) * quad
+    scale = (w2.sqrt() + abs(scaling) * (B.abs() @ torch.linalg.vector_norm(A, dim=1))).square()
+    bad = norm2 * DORA_FALLBACK < scale
+    if bad.any():  # rare: a host sync on CUDA, and a graph break under torch.compile
+        idx = bad.nonzero().squeeze(1)
+        direct = rows[idx].to(dtype) + scaling * (B[idx] @ A)  # (k, in)
+        norm2[idx] = torch.linalg.vector_norm(direct, dim=1).square()
+    return norm2.clamp_min(0).sqrt()
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, scaling: float, magnitude: torch.Tensor, norm: torch.Tensor,
+                backend: str | None = None) -> torch.Tensor:
+    """DoRA linear without dropout, all tensors of one dtype: (m / ‖W + sBA‖) ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias.
+
+    The unscaled sum comes from ``lora_linear`` (the fused kernels on CUDA, unchanged), and the
+    column scale is one ``addcmul`` after it, so the kernels need no DoRA variant to be right.
+    Equal, in real arithmetic, to peft's ``result + (g - 1)·(result - bias) + g·s·lora``.
+
+    Args:
+        x: (..., K). weight: (N, K). bias: (N,) or None. A: (r, K). B: (N, r).
+        magnitude: (N,) trainable. norm: (N,) from ``dora_norm`` (detached).
+    """
+    out = lora_linear(x, weight, None, A, B, scaling, backend=backend)
+    scale = (magnitude / norm).to(out.dtype)
+    return out * scale if bias is None else torch.addcmul(bias, out, scale)

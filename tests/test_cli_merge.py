@@ -121,9 +121,9 @@ def test_blocked_merge_equals_merge_and_unload(tmp_path, kind, monkeypatch):
     """Tensors bigger than a block are merged block by block (rows of W, or columns of A for the
     transposed layouts: Conv1D and embeddings); the blocks must join to exactly the bits
     merge_and_unload computes for the whole tensor."""
-    import minilora.cli.merge as merge_module
+    import minilora.ops as ops_module
 
-    monkeypatch.setattr(merge_module, "_BLOCK_ELEMENTS", 1)  # every block at the 256-row floor
+    monkeypatch.setattr(ops_module, "_BLOCK_ELEMENTS", 1)  # every block at the 256-row floor
     if kind == "llama":
         torch.manual_seed(0)
         base = transformers.LlamaForCausalLM(transformers.LlamaConfig(

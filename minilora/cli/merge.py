@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import secrets
@@ -46,8 +45,8 @@ import torch
 from minilora.atomic import fsync_folder, process_gone, process_identity
 from minilora.cli import CliError
 from minilora.config import LoraConfig
-from minilora.layers import merge_dtype
 from minilora.matching import closest_names, pattern_key
+from minilora.ops import merge_dtype, row_blocks
 from minilora.patterns import PatternError, time_budget
 from minilora.peft_format import (CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME, AdapterFileError,
                                   TensorEntry,
@@ -96,20 +95,6 @@ class MergeSummary:
     untied: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
     renamed: tuple[str, str] | None = None  # (old prefix, new prefix) of the adapter's module names
-
-
-# Rows per block: about 1M elements (4 MiB as fp32), but never fewer than 256 rows. The floor keeps
-# each block's s·B@A on a GEMM kernel like the whole product's (a handful of rows goes down a GEMV
-# path whose summation order differs), so the merged bits equal merge_and_unload's wherever the
-# BLAS sums a block as it sums the whole (not MKL limited to AVX2: there, within fp32 rounding).
-_BLOCK_ELEMENTS, _MIN_BLOCK_ROWS = 1 << 20, 256
-
-
-def _row_blocks(shape: tuple[int, ...]) -> list[slice]:
-    rows = shape[0] if shape else 1
-    per_row = math.prod(shape[1:])
-    step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(per_row, 1))
-    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
 
 
 def _shard_name_ok(name: object) -> bool:
@@ -254,7 +239,7 @@ def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter: Pa
     for ad_key, dtype in sorted(uses):
         entry = ad_tensors[ad_key]
         check_tensor(where, ad_key, entry.torch_dtype, entry.shape, dtype, entry.shape)
-        check_finite(where, ad_key, (read_tensor(entry, rows) for rows in _row_blocks(entry.shape)), dtype)
+        check_finite(where, ad_key, (read_tensor(entry, rows) for rows in row_blocks(entry.shape)), dtype)
 
 
 def _stored(ck_tensors: dict[str, TensorEntry], tied_to: dict[str, str], key: str) -> TensorEntry | None:
@@ -396,7 +381,7 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, conf
 def _delta(m: _LoraModule, A: torch.Tensor, B: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
     """Rows ``rows`` of s·B@A in ``dtype`` (the weight's ``merge_dtype``), in the weight's stored
     layout: the same arithmetic as the LoRA layers' delta_weight (so the result equals
-    ``merge_and_unload``; see _MIN_BLOCK_ROWS), scaled in place to keep one block-sized temporary.
+    ``merge_and_unload``; see ops.row_blocks), scaled in place to keep one block-sized temporary.
     Transposed layouts (Conv1D, fan_in_fan_out, embeddings) store rows of (B@A).T, i.e. columns of A."""
     if m.embedding or m.transposed:
         return (B.to(dtype) @ A.to(dtype)[:, rows]).mul_(m.scaling).T
@@ -441,7 +426,7 @@ class _Merger:
         # The adapter factors are small (r x features); read once per tensor, not per block.
         A, B = (self._adapter(m.lora_A), self._adapter(m.lora_B)) if m is not None else (None, None)
         bias = self._adapter(mb.lora_bias) if mb is not None else None
-        for rows in _row_blocks(entry.shape):
+        for rows in row_blocks(entry.shape):
             base = read_tensor(source, rows).to(dtype)
             t = base
             if m is not None:
