@@ -221,7 +221,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             with a dot, or ``"__base__"``), weights not matching the adapters or not finite, an
             unknown combination_type, unequal ranks for "linear", two sources with their own copy
             of the same modules_to_save module (as peft), a grouped conv (its B cannot hold
-            concatenated ranks), mixed list/regex targets.
+            concatenated ranks), mixed list/regex targets, DoRA adapters (no defined combined
+            magnitude; peft silently gives a fresh one).
     """
     state = _state(model, "add_weighted_adapter")
     adapters = [adapters] if isinstance(adapters, str) else list(adapters)
@@ -243,6 +244,13 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                          f"choose one of {sorted(COMBINATIONS)}")
     combination_type = "linear" if len(adapters) == 1 else combination_type
     configs = [state.configs[a] for a in adapters]
+    dora = [a for a, c in zip(adapters, configs) if c.use_dora]
+    if dora:
+        # peft accepts them and gives the combination the magnitude of its freshly initialised
+        # factors, unrelated to the sources' trained ones: refuse instead of a silent other model.
+        raise ValueError(f"add_weighted_adapter: {dora} use DoRA; their magnitude vectors are normalised against "
+                         "each adapter's own W + sBA, so a weighted combination has no defined magnitude. "
+                         "Combine plain LoRA adapters, or merge the DoRA adapters in turn (minilora.merge)")
     rank = _new_rank(configs, combination_type, svd_rank)
     if len({isinstance(c.target_modules, str) for c in configs}) > 1:
         raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
@@ -307,7 +315,8 @@ def _first_tensor(args, kwargs) -> torch.Tensor | None:
 def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
     """Inside the block, batch row i runs with adapter ``names[i]`` (``"__base__"``: none).
 
-    Every row gets what that adapter alone would give (mixed-batch serving). modules_to_save
+    Every row gets what that adapter alone would give (mixed-batch serving), DoRA adapters
+    included (peft refuses them in mixed batches). modules_to_save
     modules run each adapter's copy on its rows and the original module on the others (also
     for an adapter without a copy; peft raises KeyError there). The model's state comes back on
     exit, also when the block raises.

@@ -135,8 +135,8 @@ BAD_FILES = {
                             r"LoraConfig.r=10{30} is invalid: the rank must be an integer from 1 to 65536"),
     "huge alpha in config": (lambda f: _edit_config(f, lambda d: d.update(lora_alpha=1e308)),
                              r"LoraConfig.lora_alpha=1e\+308 is invalid"),
-    "dora": (lambda f: _edit_config(f, lambda d: d.update(use_dora=True)),
-             r"use_dora=True is invalid: use_dora switches on a peft feature minilora does not implement"),
+    "qalora": (lambda f: _edit_config(f, lambda d: d.update(use_qalora=True)),
+               r"use_qalora=True is invalid: use_qalora switches on a peft feature minilora does not implement"),
     # D8: a config that is not the one the weights were saved with (a save killed between its two
     # renames leaves exactly this: new weights, old config)
     "config changed after save": (lambda f: _edit_config(f, lambda d: d.update(lora_alpha=8)),

@@ -50,8 +50,10 @@ BAD_VALUES = [
     ("lora_bias", "no", "True or False"),
     ("inference_mode", None, "True or False"),
     ("task_type", "CLASSIFY", "allowed values"),
+    ("use_dora", 1, "True or False"),  # DoRA is implemented, but the flag must be a bool (as peft's JSON)
+    ("use_dora", "true", "True or False"),
+    ("use_dora", None, "True or False"),
     # peft features minilora does not implement: accepted off, refused on (also by the constructor)
-    ("use_dora", True, "peft feature minilora does not implement; only use_dora=False"),
     ("use_qalora", True, "only use_qalora=False"),
     ("target_parameters", ["experts.gate_up_proj"], "only target_parameters=None"),
     ("trainable_token_indices", [0, 1], "only trainable_token_indices=None"),
@@ -113,10 +115,12 @@ PEFT_CONFIGS = [
          rank_pattern={"q_proj": 4}, alpha_pattern={r"layers\.0\..*": 3.0}, lora_bias=True, bias="lora_only"),
     dict(target_modules=["c_attn"], fan_in_fan_out=True, exclude_modules=["h.0.attn.c_attn"],
          task_type="SEQ_CLS", init_lora_weights="pissa"),
+    dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True, lora_dropout=0.1,
+         modules_to_save=["lm_head"]),
 ]
 MEANING = ["r", "lora_alpha", "lora_dropout", "exclude_modules", "modules_to_save", "bias", "use_rslora",
            "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-           "fan_in_fan_out", "lora_bias", "task_type", "inference_mode"]
+           "fan_in_fan_out", "lora_bias", "task_type", "inference_mode", "use_dora"]
 
 
 @pytest.mark.parametrize("fields", PEFT_CONFIGS)
@@ -165,7 +169,7 @@ def test_every_peft_field_is_accepted_by_the_constructor_and_from_dict(name):
         assert built == LoraConfig(**base) and built.to_dict().keys() == LoraConfig(**base).to_dict().keys()
 
 
-@pytest.mark.parametrize("key,value", [("use_dora", True), ("use_qalora", True), ("layer_replication", [[0, 2]]),
+@pytest.mark.parametrize("key,value", [("use_qalora", True), ("layer_replication", [[0, 2]]),
                                        ("target_parameters", ["w"]), ("trainable_token_indices", {"emb": [1]}),
                                        ("eva_config", {"rho": 2.0})])
 def test_unimplemented_peft_feature_is_refused_by_both_paths(key, value):
@@ -177,6 +181,42 @@ def test_unimplemented_peft_feature_is_refused_by_both_paths(key, value):
         LoraConfig.from_dict(data)
     with pytest.raises(ValueError, match=message):
         LoraConfig(target_modules=["q_proj"], **{key: value})
+
+
+def test_dora_is_accepted_by_both_paths_and_round_trips():
+    config = LoraConfig(target_modules=["q_proj"], use_dora=True)
+    assert config.use_dora is True and config != LoraConfig(target_modules=["q_proj"])
+    data = peft.LoraConfig(target_modules=["q_proj"], use_dora=True).to_dict()
+    data = json.loads(json.dumps(data, default=sorted))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = LoraConfig.from_dict(data)
+    assert loaded.use_dora is True
+    assert loaded.to_dict()["use_dora"] is True
+    assert LoraConfig.from_dict(loaded.to_dict()) == loaded
+
+
+@pytest.mark.parametrize("path", ["constructor", "from_dict", "replace"])
+def test_dora_with_lora_bias_is_refused_naming_both_fields(path):
+    # as peft (LoraConfig.__post_init__ refuses the pair): DoRA's column norm has no place for a bias on B
+    build = {
+        "constructor": lambda: LoraConfig(target_modules=["q_proj"], use_dora=True, lora_bias=True),
+        "from_dict": lambda: LoraConfig.from_dict({"target_modules": ["q_proj"], "use_dora": True,
+                                                   "lora_bias": True}),
+        "replace": lambda: LoraConfig(target_modules=["q_proj"], use_dora=True).replace(lora_bias=True),
+    }[path]
+    with pytest.raises(ValueError) as info:
+        build()
+    message = str(info.value)
+    assert "lora_bias" in message and "use_dora" in message, message
+    # each alone is fine
+    LoraConfig(target_modules=["q_proj"], use_dora=True)
+    LoraConfig(target_modules=["q_proj"], lora_bias=True)
+
+
+def test_peft_refuses_dora_with_lora_bias_too():
+    with pytest.raises(ValueError):
+        peft.LoraConfig(target_modules=["q_proj"], use_dora=True, lora_bias=True)
 
 
 def test_non_lora_peft_type_is_refused():

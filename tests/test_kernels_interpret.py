@@ -210,6 +210,69 @@ def check_torch_compile(device="cpu"):
     assert torch.allclose(y_eager, y_comp) and all(map(torch.allclose, ga, gc))
 
 
+def check_dora_layer(dtype, bias, device="cpu"):
+    """A DoRA LoraLinear whose x Wᵀ + s·x Aᵀ Bᵀ runs through the kernels (ops.backend_for forced
+    to "triton"): forward and the gradients of x, A, B and the magnitude against float64.
+
+    The kernels compute the unscaled sum with bias=None; the column scale g = m / ‖W + sBA‖ and
+    the bias are one addcmul after them. The norm is fp32 for fp16/fp32 weights (merge_dtype),
+    so its error is fp32-level; g's error in units of |g| adds a few float32 roundings to the
+    chain. A kernel path that dropped the scale, or added the bias before it, is off by O(mag).
+    """
+    import minilora
+    from minilora import ops
+    from minilora.inject import lora_layers
+
+    _poison_outputs()
+    K, N, M, r = 40, 72, 13, 8
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(K, N, bias=bias))
+    minilora.inject(model, targets=["0"], r=r, lora_alpha=13.6, use_dora=True, init_lora_weights=False)
+    model.to(device, dtype)
+    (_, layer), = lora_layers(model)
+    adapter = layer.adapters["default"]
+    with torch.no_grad():
+        adapter.magnitude.mul_(torch.linspace(0.5, 1.5, N, device=device).to(dtype))
+    x = torch.randn(M, K, device=device).to(dtype).requires_grad_()
+    leaves = [x, adapter.lora_A, adapter.lora_B, adapter.magnitude]
+    asked = []
+    real = ops.backend_for
+
+    def kernels_on_cpu(x, weight, backend=None, rank=1):  # the interpreter runs them on the CPU
+        asked.append(backend)
+        return "triton"
+
+    ops.backend_for = kernels_on_cpu
+    try:
+        y = layer(x)
+    finally:
+        ops.backend_for = real
+    assert asked == [None], "the DoRA fast path did not go through ops.lora_linear's dispatch"
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    def formula(f):
+        xd, Ad, Bd, md = (f(t.detach().double()).requires_grad_() for t in leaves)
+        W = layer.weight.double()
+        norm = torch.linalg.vector_norm(W + adapter.scaling * adapter.lora_B.double() @ adapter.lora_A.double(),
+                                        dim=1)
+        out = (md / norm) * (xd @ f(W).T + adapter.scaling * (xd @ Ad.T) @ Bd.T)
+        if bias:
+            out = out + f(layer.bias.double())
+        return out, (xd, Ad, Bd, md)
+
+    ref, ref_leaves = formula(lambda t: t)
+    ref.backward(dy.double())
+    mag, mag_leaves = formula(torch.abs)
+    mag.backward(dy.double().abs())
+    chain = K + r + 8  # the kernels' sums plus the norm's and the scale's roundings
+    errors = {"y": _used(y, ref, mag, _bound(dtype, chain))}
+    for name, got, want, m in zip(("dx", "dA", "dB", "dm"), grads, ref_leaves, mag_leaves):
+        errors[name] = _used(got, want.grad, m.grad, _bound(dtype, max(K, N, M) + r + 8))
+    bad = {k: v for k, v in errors.items() if not v <= 1}
+    assert not bad, f"errors above their bound (fraction of it used): {bad}"
+
+
 ERROR_CASES = {
     # name: (kwargs overrides, expected message regex)
     "dtype": (dict(w=lambda w: w.half()), "x and weight must share one dtype"),
@@ -328,6 +391,12 @@ def test_launcher_errors(interpret, name):
     interpret(check_error, name)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", INTERPRET_DTYPES, ids=["fp32", "fp16"])
+def test_dora_layer_through_kernels(interpret, dtype, bias):
+    interpret(check_dora_layer, dtype, bias)
+
+
 def test_ops_never_picks_triton_on_cpu():
     from minilora import ops
 
@@ -405,3 +474,10 @@ def test_gpu_dropout_mask_and_compile():
     check_dropout_mask("cuda")
     check_eval_and_empty("cuda")
     check_torch_compile("cuda")
+
+
+@on_gpu
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_gpu_dora_layer(dtype, bias):
+    check_dora_layer(dtype, bias, device="cuda")
