@@ -201,8 +201,8 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     and an (r, r) Gram matrix. A fp16/bf16 weight is read in blocks of rows cast to fp32.
     The identity's rounding error is at most about (K+4)·u·(‖W_i‖ + s·Σ_k |B_ik|·‖A_k‖)² (Cauchy–Schwarz on
     every product), which matters only where that scale dwarfs the result: W_i and s·Δ_i nearly
-    cancel. Those rows (scale > DORA_FALLBACK × result) are recomputed directly from W_i + s·B_i A,
-    so every norm is accurate to a few times the direct computation's rounding.
+    cancel. Those rows (scale > DORA_FALLBACK × result) are recomputed directly from W_i + s·B_i A
+    in float64, so every norm is about as accurate as the inputs allow (peft's fp32 sum is not).
 
     Args:
         weight: (out, in), or (in, out) stored when ``transposed``. A: (r, in). B: (out, r).
@@ -227,11 +227,26 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     norm2 = w2 + (2 * scaling) * cross + (scaling * scaling) * quad
     scale = (w2.sqrt() + abs(scaling) * (B.abs() @ torch.linalg.vector_norm(A, dim=1))).square()
     bad = norm2 * DORA_FALLBACK < scale
-    if bad.any():  # rare: a host sync on CUDA, and a graph break under torch.compile
-        idx = bad.nonzero().squeeze(1)
-        direct = rows[idx].to(dtype) + scaling * (B[idx] @ A)  # (k, in)
-        norm2[idx] = torch.linalg.vector_norm(direct, dim=1).square()
+
+    if torch.compiler.is_compiling():  # one graph: the direct pass is a branch of it
+        norm2 = torch.cond(bad.any(), _direct_norm2, _keep_norm2, (rows, A, B, scaling, bad, norm2))
+    elif bad.any():  # eager: torch.cond's dispatch would cost ~1 ms per call
+        norm2 = _direct_norm2(rows, A, B, scaling, bad, norm2)
     return norm2.clamp_min(0).sqrt()
+
+
+def _direct_norm2(rows, A, B, scaling, bad, norm2):
+    """norm2 with the ``bad`` rows replaced by ‖W_i + s·B_i A‖² formed directly, in float64 (the
+    cancellation that made them bad costs fp32 the digits DoRA needs), in blocks of rows."""
+    wide = torch.float32 if rows.device.type == "mps" else torch.float64  # MPS has no float64
+    A, B = A.to(wide), B.to(wide)
+    parts = [torch.linalg.vector_norm(rows[part].to(wide) + scaling * (B[part] @ A), dim=1)
+             for part in row_blocks(tuple(rows.shape))]
+    return torch.where(bad, torch.cat(parts).square().to(norm2.dtype), norm2)
+
+
+def _keep_norm2(rows, A, B, scaling, bad, norm2):
+    return norm2.clone()  # torch.cond's branches may not return an input
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
