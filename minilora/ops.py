@@ -199,10 +199,15 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
 
     Uses ‖W_i + sΔ_i‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ: one (r, out) product A Wᵀ
     and an (r, r) Gram matrix. A fp16/bf16 weight is read in blocks of rows cast to fp32.
-    The identity's rounding error is at most about (K+4)·u·(‖W_i‖ + s·Σ_k |B_ik|·‖A_k‖)² (Cauchy–Schwarz on
-    every product), which matters only where that scale dwarfs the result: W_i and s·Δ_i nearly
-    cancel. Those rows (scale > DORA_FALLBACK × result) are recomputed directly from W_i + s·B_i A
-    in float64, so every norm is about as accurate as the inputs allow (peft's fp32 sum is not).
+    The identity's rounding error is at most about (K+4)·u·(‖W_i‖ + s·Σ_k |B_ik|·‖A_k‖)²
+    (Cauchy–Schwarz on every product), which matters only where that scale dwarfs the result:
+    W_i and s·Δ_i nearly cancel. Those rows (scale > DORA_FALLBACK × result) are recomputed
+    directly from W_i + s·B_i A in float64, so every norm is about as accurate as its inputs
+    allow (peft's fp32 sum is not). Deciding that is one ``.any()``: a host sync on CUDA.
+
+    Under torch.compile every row is formed directly instead, in blocks of rows (no branch on
+    data, so the model stays one graph; inductor fuses each block's add, square and sum): the
+    same cost as the identity, as accurate as peft's fp32 sum.
 
     Args:
         weight: (out, in), or (in, out) stored when ``transposed``. A: (r, in). B: (out, r).
@@ -212,6 +217,8 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     dtype = merge_dtype(weight.dtype)
     A, B = A.to(dtype), B.to(dtype)
     rows = weight.T if transposed else weight  # (out, in) view
+    if torch.compiler.is_compiling():
+        return _direct_norm2(rows, A, B, scaling, dtype).sqrt()
     if weight.dtype == dtype:
         AW = A @ rows.T  # (r, out)
         w2 = torch.linalg.vector_norm(rows, dim=1).square()
@@ -227,26 +234,22 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     norm2 = w2 + (2 * scaling) * cross + (scaling * scaling) * quad
     scale = (w2.sqrt() + abs(scaling) * (B.abs() @ torch.linalg.vector_norm(A, dim=1))).square()
     bad = norm2 * DORA_FALLBACK < scale
-
-    if torch.compiler.is_compiling():  # one graph: the direct pass is a branch of it
-        norm2 = torch.cond(bad.any(), _direct_norm2, _keep_norm2, (rows, A, B, scaling, bad, norm2))
-    elif bad.any():  # eager: torch.cond's dispatch would cost ~1 ms per call
-        norm2 = _direct_norm2(rows, A, B, scaling, bad, norm2)
+    if bad.any():
+        # The cancellation that made these rows bad costs fp32 the digits DoRA needs: float64
+        # (MPS has none: fp32 there).
+        wide = torch.float32 if weight.device.type == "mps" else torch.float64
+        idx = bad.nonzero().squeeze(1)
+        norm2[idx] = _direct_norm2(rows[idx], A, B[idx], scaling, wide).to(dtype)
     return norm2.clamp_min(0).sqrt()
 
 
-def _direct_norm2(rows, A, B, scaling, bad, norm2):
-    """norm2 with the ``bad`` rows replaced by ‖W_i + s·B_i A‖² formed directly, in float64 (the
-    cancellation that made them bad costs fp32 the digits DoRA needs), in blocks of rows."""
-    wide = torch.float32 if rows.device.type == "mps" else torch.float64  # MPS has no float64
-    A, B = A.to(wide), B.to(wide)
-    parts = [torch.linalg.vector_norm(rows[part].to(wide) + scaling * (B[part] @ A), dim=1)
+def _direct_norm2(rows: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """‖W_i + s·B_i A‖² of every row of ``rows`` (k, in), formed in ``dtype`` block by block."""
+    A, B = A.to(dtype), B.to(dtype)
+    parts = [torch.linalg.vector_norm(rows[part].to(dtype) + scaling * (B[part] @ A), dim=1).square()
              for part in row_blocks(tuple(rows.shape))]
-    return torch.where(bad, torch.cat(parts).square().to(norm2.dtype), norm2)
-
-
-def _keep_norm2(rows, A, B, scaling, bad, norm2):
-    return norm2.clone()  # torch.cond's branches may not return an input
+    return torch.cat(parts)
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,

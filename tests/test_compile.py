@@ -43,6 +43,11 @@ CASES = {
     "linear": ("mlp", ["lin0", "lin1", "head"], {}),
     "conv1d_embedding": ("embed_conv1d", ["emb", "c_fc", "c_proj"], {"fan_in_fan_out": True}),
     "conv2d": ("conv2d", ["conv0", "conv1"], {}),
+    # DoRA: the fast path (Linear: one addcmul after lora_linear), peft's order in dora_step
+    # (Conv1D, Embedding, Conv2d), and the norm's torch.cond fallback, all in one graph.
+    "dora_linear": ("mlp", ["lin0", "lin1", "head"], {"use_dora": True}),
+    "dora_conv1d_embedding": ("embed_conv1d", ["emb", "c_fc", "c_proj"], {"fan_in_fan_out": True, "use_dora": True}),
+    "dora_conv2d": ("conv2d", ["conv0", "conv1"], {"use_dora": True}),
 }
 
 
@@ -74,6 +79,22 @@ def test_two_active_adapters_and_dropout_compile_to_one_graph():
     compiled(x).square().mean().backward()
     model.eval()  # no dropout: the numbers must be eager's (same kernels; see the test above)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_llama_dora_compiles_to_one_graph(mode):
+    # explain() counts the torch.cond branches of DoRA's norm as extra graphs; fullgraph=True
+    # raises on any graph break instead.
+    model = _model("llama", tiny_models.LLAMA_TARGETS, use_dora=True)
+    model.train(mode == "train")
+    ids = tiny_models.example_inputs("llama", model)["input_ids"]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    out = tiny_models.output_of(torch.compile(model, backend=counter, fullgraph=True)(input_ids=ids))
+    assert counter.frame_count == 1
+    if mode == "train":
+        out.float().square().mean().backward()
+    else:
+        torch.testing.assert_close(out, tiny_models.output_of(model(input_ids=ids)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
