@@ -178,7 +178,9 @@ def dora_merge_norm(blocks: Iterable[torch.Tensor], transposed: bool) -> torch.T
     parts: list[torch.Tensor] = []
     total = None
     for block in blocks:
-        squares = block.flatten(1).square()
+        # Row-major first: the sums' order follows the memory layout, and the offline merge's
+        # transposed-layout blocks arrive as column-major views.
+        squares = block.contiguous().flatten(1).square()
         if transposed:  # every block holds a part of every output's column
             part = squares.sum(0)
             total = part if total is None else total + part
@@ -199,9 +201,9 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
 
     Uses ‖W_i + sΔ_i‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ: one (r, out) product A Wᵀ
     and an (r, r) Gram matrix. A fp16/bf16 weight is read in blocks of rows cast to fp32.
-    The identity's rounding error is at most about (K+4)·u·(‖W_i‖ + s·Σ_k |B_ik|·‖A_k‖)²
-    (Cauchy–Schwarz on every product), which matters only where that scale dwarfs the result:
-    W_i and s·Δ_i nearly cancel. Those rows (scale > DORA_FALLBACK × result) are recomputed
+    The identity's rounding error is at most about (K+2r+5)·u times its terms over absolute values,
+    ‖W_i‖² + 2|s|·‖W_i‖·Σ_k |B_ik|·‖A_k‖ + s²·|B_i| (|A||A|ᵀ) |B_i|ᵀ (Cauchy–Schwarz on A W_iᵀ),
+    which matters only where that scale dwarfs the result: W_i and s·Δ_i nearly cancel. Those rows (scale > DORA_FALLBACK × result) are recomputed
     directly from W_i + s·B_i A in float64, so every norm is about as accurate as its inputs
     allow (peft's fp32 sum is not). Deciding that is one ``.any()``: a host sync on CUDA.
 
@@ -232,14 +234,21 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     cross = (B * AW.T).sum(1)  # B_i · (A W_iᵀ)
     quad = ((B @ (A @ A.T)) * B).sum(1)  # ‖(BA)_i‖²
     norm2 = w2 + (2 * scaling) * cross + (scaling * scaling) * quad
-    scale = (w2.sqrt() + abs(scaling) * (B.abs() @ torch.linalg.vector_norm(A, dim=1))).square()
-    bad = norm2 * DORA_FALLBACK < scale
+    # Each term's rounding error is at most γ_K times the same term over absolute values:
+    # |A W_iᵀ| <= ‖A_k‖‖W_i‖ (Cauchy–Schwarz) and |A Aᵀ| <= |A||A|ᵀ (r x r, cheap).
+    absB = B.abs()
+    scale = w2 + (2 * abs(scaling)) * w2.sqrt() * (absB @ torch.linalg.vector_norm(A, dim=1)) \
+        + (scaling * scaling) * ((absB @ (A.abs() @ A.abs().T)) * absB).sum(1)
+    bad = ~(norm2 * DORA_FALLBACK >= scale)  # also NaN (an overflowing ‖W_i‖²)
     if bad.any():
         # The cancellation that made these rows bad costs fp32 the digits DoRA needs: float64
-        # (MPS has none: fp32 there).
+        # (MPS has none: fp32 there), a block of rows at a time.
         wide = torch.float32 if weight.device.type == "mps" else torch.float64
         idx = bad.nonzero().squeeze(1)
-        norm2[idx] = _direct_norm2(rows[idx], A, B[idx], scaling, wide).to(dtype)
+        step = row_blocks((len(idx), rows.shape[1]))[0].stop or 1
+        for start in range(0, len(idx), step):
+            part = idx[start:start + step]
+            norm2[part] = _direct_norm2(rows[part], A, B[part], scaling, wide).to(dtype)
     return norm2.clamp_min(0).sqrt()
 
 

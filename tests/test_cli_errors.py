@@ -147,12 +147,21 @@ MERGE_ERRORS = {
     "half-pair": (lambda base, ad: _edit_adapter(ad, lambda t: t.pop(
         "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight")),
         r"adapter has lora_A but not lora_B for 'model\.layers\.0\.self_attn\.v_proj'"),
-    "dora": (lambda base, ad: _edit_adapter(ad, lambda t: t.update({
+    # DoRA is merged (tests/test_cli_merge_dora.py), but its magnitudes must agree with use_dora, as for load_adapter
+    "dora-magnitude-without-use_dora": (lambda base, ad: _edit_adapter(ad, lambda t: t.update({
         "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)})),
-        r"is not plain LoRA \(DoRA or another variant\?\)"),
-    "dora-config": (lambda base, ad: (ad / "adapter_config.json").write_text(json.dumps(
-        {**json.loads((ad / "adapter_config.json").read_text()), "use_dora": True})),
-        r"use_dora=True.*a peft feature minilora does not implement"),
+        r"has the unexpected key 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_magnitude_vector', "
+        r"a DoRA magnitude of LoRA module 'model\.layers\.0\.self_attn\.q_proj', but adapter_config\.json says "
+        r"use_dora=false"),
+    "dora-config-without-magnitudes": (lambda base, ad: (_edit_adapter(ad, lambda t: None), _edit_json(
+        ad / "adapter_config.json", lambda d: d.update(use_dora=True))),
+        r"lacks 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_magnitude_vector' \(and 3 more "
+        r"module\(s\)\), the DoRA magnitude of LoRA module 'model\.layers\.0\.self_attn\.q_proj' that the config "
+        r"implies"),
+    "unknown-variant": (lambda base, ad: _edit_adapter(ad, lambda t: t.update({
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_E": torch.ones(8)})),
+        r"'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_E' is neither LoRA nor DoRA "
+        r"\(another variant\?\)"),
     "not-peft-keys": (lambda base, ad: _edit_adapter(ad, lambda t: t.update({"lm_head.weight": torch.zeros(64, 32)})),
                       r"'lm_head\.weight' does not start with 'base_model\.model\.'"),
     "bad-json": (lambda base, ad: (ad / "adapter_config.json").write_text("{not json"),

@@ -8,6 +8,15 @@ memory is therefore a few blocks (about 4 MiB of fp32 each) plus the adapter fac
 the size of the model or of its largest tensor (a 128k-vocabulary embedding's fp32 delta alone
 would be 4 GiB); the test measures it.
 
+DoRA adapters (``use_dora``, a ``lora_magnitude_vector`` m per module) merge to
+(m / ‖W + s·B@A‖) ⊙ (W + s·B@A), per output, exactly as ``LoraLayer.merged_weights`` computes it:
+V = W + s·B@A in the merge dtype, its norms summed by ``ops.dora_merge_norm`` over the same
+``row_blocks`` in the same order, one rounding at the end, so the bits are ``merge_and_unload``'s.
+A Linear or ConvNd weight stores an output per row, so each block is merged on its own in one
+pass. Conv1D and Embedding weights store an output per column, whose norm needs every block: a
+first pass sums the norms, a second recomputes each block of V and scales it (twice the GEMMs,
+the same memory bound).
+
 The output is written into a temporary folder beside OUT (``.OUT.partial-PID-RANDOM``, with an
 ``.owner`` file naming the process) and renamed at the end, so OUT either appears complete or not
 at all; what a killed merge leaves there is removed by the next merge into the same folder once
@@ -46,7 +55,7 @@ from minilora.atomic import fsync_folder, process_gone, process_identity
 from minilora.cli import CliError
 from minilora.config import LoraConfig
 from minilora.matching import closest_names, pattern_key
-from minilora.ops import merge_dtype, row_blocks
+from minilora.ops import dora_merge_norm, merge_dtype, row_blocks
 from minilora.patterns import PatternError, time_budget
 from minilora.peft_format import (CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME, AdapterFileError,
                                   TensorEntry,
@@ -56,8 +65,9 @@ from minilora.peft_format import (CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, PICKLE_
 __all__ = ["merge_checkpoint", "MergeSummary", "add_arguments", "run"]
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-# peft key suffix -> (LoraAdapter parameter, is_embedding), from peft_format's one table.
-_LORA_SUFFIXES = {f".{suffix}": (param, embedding)
+# peft key suffix -> (LoraAdapter parameter, whether the suffix means an Embedding), from peft_format's
+# one table. DoRA's "lora_magnitude_vector" is the same for every kind: it tells nothing.
+_LORA_SUFFIXES = {f".{suffix}": (param, embedding and suffix not in FACTOR_KEYS[False].values())
                   for embedding, keys in FACTOR_KEYS.items() for param, suffix in keys.items()}
 # Files that hold (unmerged) weights in another format: never copied into OUT, never unpickled.
 _STALE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
@@ -77,6 +87,7 @@ class _LoraModule:
     lora_A: str | None = None
     lora_B: str | None = None
     lora_bias: str | None = None
+    magnitude: str | None = None  # DoRA's lora_magnitude_vector
     embedding: bool = False
     scaling: float = 1.0
     transposed: bool = False  # Conv1D / fan_in_fan_out: the weight is stored (in, out)
@@ -95,6 +106,7 @@ class MergeSummary:
     untied: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
     renamed: tuple[str, str] | None = None  # (old prefix, new prefix) of the adapter's module names
+    dora_modules: int = 0  # of lora_modules, those with a DoRA magnitude
 
 
 def _shard_name_ok(name: object) -> bool:
@@ -202,16 +214,19 @@ def _modules(config: LoraConfig, tensors: dict[str, TensorEntry], weights_path: 
             setattr(module, factor, key)
             module.embedding |= embedding
         elif ".lora_" in name:
-            raise ValueError(f"adapter tensor {key!r} is not plain LoRA (DoRA or another variant?); "
-                             "minilora merge knows lora_A / lora_B / lora_embedding_A / lora_embedding_B")
+            raise ValueError(f"adapter tensor {key!r} is neither LoRA nor DoRA (another variant?); minilora merge "
+                             "knows lora_A / lora_B / lora_embedding_A / lora_embedding_B / lora_magnitude_vector")
         elif ".base_layer." in name:  # an adapted module's own tensor saved anew: a trained bias
             replace[name.replace(".base_layer.", ".")] = key  # (bias="lora_only"), an untied embedding
         else:  # a modules_to_save copy's parameter, or a trained bias of a plain module
             replace[name] = key
     for module in modules.values():
         if module.lora_A is None or module.lora_B is None:
-            raise ValueError(f"adapter has {'lora_B' if module.lora_A is None else 'lora_A'} but not "
-                             f"{'lora_A' if module.lora_A is None else 'lora_B'} for {module.name!r}; the file is incomplete")
+            has = ("lora_A" if module.lora_A is not None else "lora_B" if module.lora_B is not None
+                   else "lora_magnitude_vector" if module.magnitude is not None else "lora_B.bias")
+            lacks = ("neither lora_A nor lora_B" if module.lora_A is None and module.lora_B is None
+                     else f"not {'lora_A' if module.lora_A is None else 'lora_B'}")
+            raise ValueError(f"adapter has {has} but {lacks} for {module.name!r}; the file is incomplete")
         for factor in (module.lora_A, module.lora_B):  # (more on dims once the weight is known)
             if not tensors[factor].shape:
                 raise ValueError(f"{weights_path}: {factor!r} is a scalar; LoRA factors have 2 or more dims, so "
@@ -224,7 +239,29 @@ def _modules(config: LoraConfig, tensors: dict[str, TensorEntry], weights_path: 
                              f"rank {r}; the config and the weights do not belong together")
         alpha = config.alpha_pattern[key_a] if key_a is not None else config.lora_alpha
         module.scaling = config.scaling_for(r, alpha)
+    _check_dora(config, modules, weights_path)
     return modules, replace
+
+
+def _check_dora(config: LoraConfig, modules: dict[str, _LoraModule], weights_path: Path) -> None:
+    """A DoRA magnitude for every module when the config says ``use_dora``, and none otherwise:
+    the keys ``load_adapter`` would find missing or unexpected, refused in the same terms."""
+    if config.use_dora:
+        lacking = sorted(m.name for m in modules.values() if m.magnitude is None)
+        if lacking:
+            more = f" (and {len(lacking) - 1} more module(s))" if len(lacking) > 1 else ""
+            raise AdapterFileError(
+                f"{weights_path} lacks {PEFT_PREFIX + lacking[0] + '.lora_magnitude_vector'!r}{more}, the DoRA "
+                f"magnitude of LoRA module {lacking[0]!r} that the config implies ({CONFIG_NAME} says "
+                "use_dora=true); the file does not belong to this config")
+    else:
+        extra = sorted(m.name for m in modules.values() if m.magnitude is not None)
+        if extra:
+            more = f" (and {len(extra) - 1} more module(s))" if len(extra) > 1 else ""
+            raise AdapterFileError(
+                f"{weights_path} has the unexpected key {modules[extra[0]].magnitude!r}{more}, a DoRA magnitude of "
+                f"LoRA module {extra[0]!r}, but {CONFIG_NAME} says use_dora=false; the file does not belong to "
+                "this config")
 
 
 def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter: Path) -> None:
@@ -234,7 +271,8 @@ def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter: Pa
     rows so a large modules_to_save copy costs no more memory than the merge itself."""
     where = str(adapter / WEIGHTS_NAME)
     uses = [(getattr(m, f), merge_dtype(_stored(ck_tensors, tied_to, m.name + ".weight").torch_dtype))
-            for m in modules.values() for f in ("lora_A", "lora_B", "lora_bias") if getattr(m, f) is not None]
+            for m in modules.values() for f in ("lora_A", "lora_B", "lora_bias", "magnitude")
+            if getattr(m, f) is not None]
     uses += [(ad_key, _stored(ck_tensors, tied_to, key).torch_dtype) for key, ad_key in replace.items()]
     for ad_key, dtype in sorted(uses):
         entry = ad_tensors[ad_key]
@@ -358,6 +396,13 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, conf
             raise ValueError(f"adapter does not fit the checkpoint: {m.name!r} has weight {list(W)} in {base}, "
                              f"but the adapter's delta is {list(want)} (lora_A {list(A)}, lora_B {list(B)}); "
                              "was it trained on another model?")
+        if m.magnitude is not None:  # one value per output (B[0]), laid out as peft saves it
+            got = tuple(ad_tensors[m.magnitude].shape)
+            want = (1, B[0], *(1,) * (len(W) - 2)) if len(A) > 2 else (B[0],)
+            if got != want:
+                raise ValueError(f"{adapter / WEIGHTS_NAME}: LoRA module {m.name!r}: its DoRA magnitude "
+                                 f"(lora_magnitude_vector) has shape {list(got)}, but its weight {list(W)} has "
+                                 f"{B[0]} outputs, so it must be {list(want)}; the adapter file is malformed")
         if m.lora_bias is not None:
             bias = stored(m.name + ".bias")
             if bias is None:
@@ -390,14 +435,30 @@ def _delta(m: _LoraModule, A: torch.Tensor, B: torch.Tensor, rows: slice, dtype:
     return (B.to(dtype)[rows] @ A.to(dtype)).mul_(m.scaling)
 
 
-def _check_merged(key: str, base: torch.Tensor, merged: torch.Tensor) -> None:
+def _check_merged(key: str, base: torch.Tensor, merged: torch.Tensor, dora: bool = False) -> None:
     # Finite factors can still overflow the weight's dtype (a huge scaling, an fp16 checkpoint):
     # never write an inf or NaN where the base weight was finite.
     bad = int((~torch.isfinite(merged) & torch.isfinite(base)).sum())
     if bad:
-        raise ValueError(f"merging the adapter into {key!r} gives {bad} inf or NaN value(s) in {merged.dtype}: the "
-                         "update (scaling * B @ A) is beyond that dtype's range; check lora_alpha and the adapter's "
-                         "values. Nothing was written")
+        what = "DoRA's rescaled weight m / ‖W + s·B@A‖ · (W + s·B@A)" if dora else "the update (scaling * B @ A)"
+        raise ValueError(f"merging the adapter into {key!r} gives {bad} inf or NaN value(s) in {merged.dtype}: "
+                         f"{what} is beyond that dtype's range; check lora_alpha and the adapter's values. "
+                         "Nothing was written")
+
+
+def _check_norm(key: str, norm: torch.Tensor, first: int = 0) -> None:
+    """DoRA divides by ‖W_i + s·(B@A)_i‖: every norm must be finite and positive, or the merged
+    output i would be NaN (0 / 0, inf · 0) or silently zero (an overflowed norm). ``first``: the
+    output number of ``norm[0]``."""
+    bad = ~(torch.isfinite(norm) & (norm > 0))
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        value = float(norm[i])
+        why = ("W + s·B@A is all zeros there" if value == 0 else
+               "the checkpoint's weight holds NaN there" if value != value else
+               f"its sum of squares overflows {norm.dtype}")
+        raise ValueError(f"merging the DoRA adapter into {key!r}: ‖W + s·B@A‖ of output {first + i} is {value:g} "
+                         f"({why}), so DoRA's scale m / ‖W + s·B@A‖ is not finite there. Nothing was written")
 
 
 class _Merger:
@@ -425,6 +486,9 @@ class _Merger:
         m, mb = self.by_weight.get(key), self.by_bias.get(key)
         # The adapter factors are small (r x features); read once per tensor, not per block.
         A, B = (self._adapter(m.lora_A), self._adapter(m.lora_B)) if m is not None else (None, None)
+        if m is not None and m.magnitude is not None:
+            yield from self._dora_blocks(key, m, source, entry, A, B, self._adapter(m.magnitude))
+            return
         bias = self._adapter(mb.lora_bias) if mb is not None else None
         for rows in row_blocks(entry.shape):
             base = read_tensor(source, rows).to(dtype)
@@ -438,6 +502,41 @@ class _Merger:
             if t is not base and t.is_floating_point():
                 _check_merged(key, base, t)
             yield t
+
+    @staticmethod
+    def _dora_blocks(key: str, m: _LoraModule, source: TensorEntry, entry: TensorEntry, A: torch.Tensor,
+                     B: torch.Tensor, magnitude: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``blocks`` for a DoRA module's weight: (m / ‖V‖) ⊙ V with V = W + s·B@A, as
+        ``LoraLayer.merged_weights`` computes it (see the module docstring)."""
+        dtype = entry.torch_dtype
+        work = merge_dtype(dtype)
+        blocks = row_blocks(entry.shape)
+        mag = magnitude.to(work).flatten()  # (out,): peft's (1, out, 1, ...) for a ConvNd
+
+        def merged(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            """(rows of W, the same rows of V in ``work``). V row-major, as the in-memory merge holds
+            it (W + delta): a transposed layout's delta is a column-major view, and the order in which
+            ``dora_merge_norm`` sums a block depends on its layout."""
+            base = read_tensor(source, rows).to(dtype)
+            return base, _delta(m, A, B, rows, work).add_(base).contiguous()
+
+        if m.embedding or m.transposed:  # outputs are columns: every block holds part of every norm
+            norm = dora_merge_norm((merged(rows)[1] for rows in blocks), transposed=True)
+            _check_norm(key, norm)
+            scale = (mag / norm).view(1, -1)
+            for rows in blocks:
+                base, v = merged(rows)
+                t = v.mul_(scale).to(dtype)  # in place: one block-sized temporary less
+                _check_merged(key, base, t, dora=True)
+                yield t
+        else:  # outputs are rows (Linear, ConvNd): a block's norms are its own rows'
+            for rows in blocks:
+                base, v = merged(rows)
+                norm = dora_merge_norm([v], transposed=False)
+                _check_norm(key, norm, first=rows.start)
+                t = v.mul_((mag[rows] / norm).view(-1, *(1,) * (v.dim() - 1))).to(dtype)
+                _check_merged(key, base, t, dora=True)
+                yield t
 
 
 def _write_safetensors(path: Path, keys: list[tuple[str, TensorEntry]], metadata: dict[str, str],
@@ -630,7 +729,9 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
         FileNotFoundError: a folder or required file is missing.
         FileExistsError: ``out`` exists.
         ValueError: the adapter does not fit the checkpoint (missing module, shape mismatch,
-            rank not matching its config) or is not plain LoRA, or a file of either is malformed.
+            rank not matching its config, DoRA magnitudes present or missing against the config's
+            ``use_dora``) or is another LoRA variant, or a file of either is malformed; a DoRA norm
+            ‖W + s·B@A‖ is zero or not finite.
         CliError: ``out`` is inside ``base``; a file in ``base`` cannot be copied (a symlink loop,
             a pipe); writing failed (disk full, ...). Nothing is written.
     """
@@ -704,7 +805,8 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
     with contextlib.suppress(OSError):
         owner.unlink()
     fsync_folder(str(out.parent))
-    return MergeSummary(out, len(modules), len(replace), total, len(by_shard), written, untied, skipped, renamed)
+    return MergeSummary(out, len(modules), len(replace), total, len(by_shard), written, untied, skipped, renamed,
+                        sum(m.magnitude is not None for m in modules.values()))
 
 
 # ---------------------------------------------------------------- command line
@@ -718,7 +820,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     s = merge_checkpoint(args.base, args.adapter, args.out, progress=not args.no_progress)
-    print(f"merged {s.lora_modules} LoRA modules and replaced {s.replaced} tensors (modules_to_save / biases): "
+    dora = f" ({s.dora_modules} of them DoRA)" if s.dora_modules else ""
+    print(f"merged {s.lora_modules} LoRA modules{dora} and replaced {s.replaced} tensors (modules_to_save / biases): "
           f"{s.tensors} tensors in {s.shards} shard(s), {s.bytes_written / 2**20:.1f} MiB, "
           f"{time.perf_counter() - start:.1f} s -> {s.out}")
     if s.untied:
