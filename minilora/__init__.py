@@ -13,7 +13,7 @@ from minilora.layers import LoraLayer
 from minilora.merge import disable_adapters, merge, merge_and_unload, unmerge
 from minilora.modules_to_save import ModulesToSave
 from minilora.ops import lora_linear, lora_linear_reference
-from minilora.training import require_input_grads, save_adapter_sharded
+from minilora.training import prepare_model_for_kbit_training, require_input_grads, save_adapter_sharded
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "AdapterFileError",
     "save_adapter_sharded",
     "require_input_grads",
+    "prepare_model_for_kbit_training",
     "LoraLayer",
     "ModulesToSave",
     "lora_linear",

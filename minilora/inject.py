@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from minilora.config import LoraConfig
 from minilora.layers import (SUPPORTED_TYPES, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear,
-                             lora_layer_class)
+                             lora_layer_class, unsupported_reason)
 from minilora.matching import (closest_names, is_target, matches_name, pattern_key,
                                unmatched_targets)
 from minilora.modules_to_save import ModulesToSave
@@ -114,7 +114,11 @@ class _Plan:
 def _expand_all_linear(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[str]:
     """peft's "all-linear": every Linear/Conv1D by full name, minus the output embedding. (A
     SEQ_CLS head needs no rule here: it is in modules_to_save, which is never a LoRA target.)"""
-    linear = [n for n, m in modules if lora_layer_class(_base_type(m)) in (LoraLinear, LoraConv1D)]
+    def linear_like(module: nn.Module) -> bool:  # unknown quantized Linears too: inject refuses them by name
+        cls = lora_layer_class(module)
+        return (cls is not None and issubclass(cls, LoraLinear)) or unsupported_reason(module) is not None
+
+    linear = [n for n, m in modules if linear_like(_base_type(m))]
     skip: set[str] = set()
     out_emb = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if isinstance(out_emb, nn.Module):
@@ -178,9 +182,16 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
             continue
         base = _base_type(module)
         cls = lora_layer_class(base)
+        refused = unsupported_reason(base)
+        if refused:
+            raise ValueError(f"module {name!r} matches target_modules but {refused}; exclude it, or load the model "
+                             "unquantized or with bitsandbytes")
         if cls is None:
             raise ValueError(f"module {name!r} matches target_modules but is a {type(base).__name__}; "
                              f"LoRA supports {SUPPORTED_TYPES}. Narrow target_modules to its linear sub-layers")
+        if config.use_dora and not cls.supports_dora:
+            raise ValueError(f"use_dora=True on {name!r}, a {type(base).__name__}: DoRA over a quantized base is not "
+                             "supported by minilora; use plain LoRA (use_dora=False) there, or exclude it")
         key_r = pattern_key(config.rank_pattern, name)
         key_a = pattern_key(config.alpha_pattern, name)
         r = config.rank_pattern[key_r] if key_r is not None else config.r

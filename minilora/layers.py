@@ -34,9 +34,10 @@ from minilora.ops import merge_dtype
 from minilora.rows import RowAdapters
 
 __all__ = ["LoraAdapter", "LoraLayer", "LoraLinear", "LoraConv1D", "LoraEmbedding", "LoraConv",
-           "lora_layer_class", "merge_dtype", "SUPPORTED_TYPES"]
+           "lora_layer_class", "unsupported_reason", "merge_dtype", "SUPPORTED_TYPES"]
 
-SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
+SUPPORTED_TYPES = ("nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, "
+                   "bitsandbytes Linear4bit and Linear8bitLt")
 
 
 class LoraAdapter(nn.Module):
@@ -106,6 +107,11 @@ class LoraLayer(nn.Module):
     init_on_A = True
     #: whether the weight is stored (in, out), its outputs along dim 1 (Conv1D, Embedding's dims).
     transposed = False
+    #: whether use_dora=True can be built on this kind (inject refuses it before changing anything).
+    supports_dora = True
+    #: cast each branch to the output dtype before adding it (peft's order for quantized bases),
+    #: instead of adding in the wider dtype and rounding once.
+    round_branch_first = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -177,9 +183,14 @@ class LoraLayer(nn.Module):
         if not self._live:
             return y
         dtype = y.dtype
+        early = self.round_branch_first and not torch.is_autocast_enabled(x.device.type)
         for name in self._live:
             adapter = self.adapters[name]
-            y = y + self.branch(adapter, x) if adapter.magnitude is None else self.dora_step(adapter, x, y)
+            if adapter.magnitude is not None:
+                y = self.dora_step(adapter, x, y)
+            else:
+                delta = self.branch(adapter, x)
+                y = y + (delta.to(dtype) if early else delta)
         return y.to(dtype)
 
     def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -670,8 +681,40 @@ def _conv1d_type() -> type | None:
     return getattr(utils, "Conv1D", None)
 
 
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a module of a supported base type must still not be wrapped, or None.
+
+    An ``nn.Linear`` subclass whose weight is not a plain floating-point tensor is a quantized
+    layer minilora does not know (GPTQ, HQQ, torchao, ...): LoRA's plain path would run
+    ``F.linear`` on packed integers. bitsandbytes' layers have their own LoRA classes.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor) or _quantized_class(module):
+        return None  # (an adapted layer's base module has handed its weight to the LoRA layer: None)
+    # A Parameter's .data is a plain Tensor unless the values live in a tensor subclass (torchao's
+    # AffineQuantizedTensor, ...), which may even report a floating dtype.
+    if type(weight.data) is not torch.Tensor or not weight.is_floating_point():
+        kind = f"{type(weight.data).__name__} of {weight.dtype}"
+        return (f"it is a {type(module).__name__} whose weight is a {kind}, not a plain floating-point tensor: a "
+                "quantized layer minilora does not support (it adapts bitsandbytes' Linear4bit and Linear8bitLt)")
+    return None
+
+
+def _quantized_class(module: nn.Module) -> type[LoraLayer] | None:
+    # A model with bitsandbytes layers has imported bitsandbytes; never import it just to look.
+    if "bitsandbytes" not in sys.modules:
+        return None
+    from minilora.quantized import quantized_layer_class
+    return quantized_layer_class(module)
+
+
 def lora_layer_class(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA layer class for a base module, or None when its type is not supported."""
+    quantized = _quantized_class(module)
+    if quantized is not None:
+        return quantized
+    if unsupported_reason(module) is not None:
+        return None
     conv1d = _conv1d_type()
     table: list[tuple[type | tuple[type, ...], type[LoraLayer]]] = [
         (nn.Linear, LoraLinear), (nn.Embedding, LoraEmbedding),

@@ -11,6 +11,7 @@ Most of it needs nothing from here (see docs/training-at-scale.md):
 
 What is here:
 
+- :func:`prepare_model_for_kbit_training`: peft's recipe before training over a quantized base.
 - :func:`save_adapter_sharded`: ``save_adapter`` for an FSDP2-sharded model, called on every rank.
 - ``SaveAdapterCallback``: a ``transformers.TrainerCallback`` writing the peft-format adapter into
   every Trainer checkpoint. transformers is imported only when the name is first used.
@@ -21,17 +22,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from minilora import atomic
 from minilora.checkpoint import gather_tensors, save_adapter
-from minilora.inject import _input_requires_grad
+from minilora.inject import _input_requires_grad, lora_state, update_trainable
 from minilora.peft_format import safetensors_bytes
 
-__all__ = ["require_input_grads", "save_adapter_sharded", "SaveAdapterCallback"]
+__all__ = ["require_input_grads", "prepare_model_for_kbit_training", "save_adapter_sharded", "SaveAdapterCallback"]
+
+# quantization_method values of transformers models whose parameters peft leaves uncast.
+_KEEP_DTYPES = ("gptq", "aqlm", "eetq", "torchao", "hqq")
 
 
 def require_input_grads(module: nn.Module) -> RemovableHandle:
@@ -52,6 +59,45 @@ def require_input_grads(module: nn.Module) -> RemovableHandle:
         raise TypeError(f"require_input_grads needs an nn.Module (the model's first module, e.g. its embedding), "
                         f"got {type(module).__name__}")
     return module.register_forward_hook(_input_requires_grad)
+
+
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Get a (quantized) transformers model ready for LoRA training, as peft's function of this name.
+
+    1. Every parameter is frozen.
+    2. fp16/bf16 parameters that are not 4-bit packed weights (layer norms, embeddings, ``lm_head``)
+       are cast to fp32 for stable training, unless the model is GPTQ/AQLM/EETQ/torchao/HQQ
+       quantized (as peft).
+    3. For a model loaded in 4 or 8 bits with ``use_gradient_checkpointing``: the input
+       embeddings' output requires grad (needed by reentrant checkpointing; skipped when
+       ``gradient_checkpointing_kwargs`` says ``use_reentrant=False``), and
+       ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`` is called.
+
+    Call it before ``minilora.inject`` (as with peft) or after: on an injected model the active
+    adapters are made trainable again.
+
+    Returns:
+        The same model.
+    """
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if getattr(model, "quantization_method", None) not in _KEEP_DTYPES and not getattr(model, "hqq_quantized", False):
+        bnb = sys.modules.get("bitsandbytes")
+        packed = (bnb.nn.Params4bit,) if bnb is not None else ()
+        for p in model.parameters():
+            if p.dtype in (torch.float16, torch.bfloat16) and not isinstance(p, packed):
+                p.data = p.data.to(torch.float32)
+    kbit = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    if kbit and use_gradient_checkpointing:
+        if kwargs.get("use_reentrant", True):
+            embeddings = model.get_input_embeddings()
+            embeddings.register_forward_hook(_input_requires_grad)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if lora_state(model) is not None:
+        update_trainable(model)
+    return model
 
 
 def save_adapter_sharded(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> None:

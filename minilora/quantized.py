@@ -1,0 +1,221 @@
+"""LoRA over bitsandbytes' quantized linears (QLoRA): ``Linear4bit`` (nf4/fp4) and ``Linear8bitLt``.
+
+Imported only when bitsandbytes already is (``layers.lora_layer_class`` looks in ``sys.modules``),
+so the core never needs it. The frozen base stays quantized and runs through its own forward,
+never ``F.linear`` on the packed weight; the LoRA branch runs in the adapter dtype and is cast to
+the base output's dtype before it is added, as peft does (outside autocast), so both give the
+same numbers.
+
+Layout: as every LoRA layer, the base weight is registered on the LoRA layer under its own name
+(``q_proj.weight``) and the adapters under ``q_proj.adapters.<name>``. bitsandbytes keeps the
+quantization state on the weight object itself, and its module's forward and state-dict hooks
+read it from there, so the base module keeps the same parameter objects (re-linked before every
+use) and the LoRA layer writes and reads its state dict through the base module: the keys
+(``weight``, ``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``, ``SCB``, ...) do not move.
+
+Merging into a quantized weight is lossy (dequantize, add, quantize again), as in peft; the
+warning states the error measured on that layer. The lossless route is ``minilora merge`` on the
+original unquantized checkpoint (docs/guide.md, "QLoRA").
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import bitsandbytes as bnb
+import torch
+import torch.nn as nn
+
+from minilora.layers import LoraLayer, LoraLinear
+
+__all__ = ["LoraLinear4bit", "LoraLinear8bit", "quantized_layer_class", "dequantized_weight"]
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a bitsandbytes linear computes with, in fp32."""
+    weight = module.weight
+    if isinstance(weight, bnb.nn.Params4bit):
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks a weight for its AVX512-BF16 CPU kernel in its first eval
+            # forward without grad; its own state-dict save unpacks first, and so does this (on
+            # copies: the layer keeps computing with the packed form).
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return bnb.functional.dequantize_4bit(data, state).float()
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).float()
+
+
+class _QuantizedLinear(LoraLinear):
+    """Shared by the 4-bit and 8-bit layers: the base forward and state dict go through the base
+    module; merges requantize."""
+
+    supports_dora = False  # peft dequantizes the whole weight every step for it; not built here
+    round_branch_first = True  # peft casts the branch to the output dtype before adding it
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self._relink()
+
+    def _relink(self) -> None:
+        # LoraLayer takes the tensors off the base module; bitsandbytes' forward and state-dict
+        # hooks need them there. The same objects, so there is one copy, and re-linked before each
+        # use because .to() / load_state_dict may have replaced ours.
+        self.base_layer._parameters["weight"] = self.weight
+        if self.bias is not None:
+            self.base_layer._parameters["bias"] = self.bias
+
+    def train(self, mode: bool = True):
+        # The base module is outside the module tree but runs its own forward, which reads its
+        # training flag (bitsandbytes repacks 4-bit weights for the CPU in eval): keep it ours.
+        self.base_layer.train(mode)
+        return super().train(mode)
+
+    def factor_shapes(self, r):
+        base = self.base_layer  # self.weight is packed: its shape is not (out, in)
+        return (r, base.in_features), (base.out_features, r)
+
+    def base_forward(self, x, bias=True):
+        self._relink()
+        return self.base_layer(x)
+
+    def forward(self, x):
+        return LoraLayer.forward(self, x)  # no fused path: the kernels never see a quantized base
+
+    # ---------------------------------------------------------------- state dict through the base
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._relink()
+        self.base_layer._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        self._relink()
+        self.base_layer._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
+        self.weight = self.base_layer.weight  # bitsandbytes may have built a new parameter
+        if self.bias is not None:
+            self.bias = self.base_layer.bias
+
+    # ---------------------------------------------------------------- merging: dequantize, add, requantize
+    def delta_weight(self, adapter):
+        return adapter.scaling * (adapter.lora_B.float() @ adapter.lora_A.float())
+
+    def merged_weights(self, names):
+        """The dequantized weight (fp32) with ``names`` added, and the bias, before requantizing."""
+        problem = self.merge_problem(names)
+        if problem:
+            raise ValueError(f"cannot merge: {problem}")
+        self._relink()
+        weight = dequantized_weight(self.base_layer)
+        bias = None if self.bias is None else self.bias.detach()
+        for name in names:
+            adapter = self.adapters[name]
+            weight = weight + self.delta_weight(adapter).to(weight.device)
+            if adapter.lora_bias is not None:
+                bias = (bias + adapter.scaling * adapter.lora_bias.detach()).to(self.bias.dtype)
+        return weight, bias
+
+    def merge(self, names, keep_original=False):
+        names = [n for n in names if n not in self.merged]
+        if not names:
+            return
+        problem = self.merge_problem(names, keep_original)
+        if problem:
+            raise ValueError(f"cannot merge: {problem}")
+        if keep_original and self.original_weights is None:
+            # The packed parameter is replaced, never changed in place: keeping it is exact and free.
+            self.original_weights = (self.weight, None if self.bias is None else self.bias.detach().clone())
+        wanted, bias = self.merged_weights(names)
+        self._set_weight(wanted, what=f"merging {names}")
+        if bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(bias)
+        self.merged.extend(names)
+        self._refresh()
+
+    def unmerge(self, names=None):
+        names = list(self.merged) if names is None else [n for n in self.merged if n in names]
+        if not names:
+            return
+        remaining = [n for n in self.merged if n not in names]
+        if self.original_weights is not None:
+            weight, bias = self.original_weights
+            self.weight = weight
+            if bias is not None:
+                with torch.no_grad():
+                    self.bias.copy_(bias)
+            self._relink()
+            self.merged, self.original_weights = [], None
+            if remaining:
+                self.merge(remaining, keep_original=True)
+        else:
+            wanted = dequantized_weight(self.base_layer)
+            for name in reversed(names):
+                adapter = self.adapters[name]
+                wanted = wanted - self.delta_weight(adapter).to(wanted.device)
+                if adapter.lora_bias is not None:
+                    with torch.no_grad():
+                        self.bias.copy_((self.bias - adapter.scaling * adapter.lora_bias).to(self.bias.dtype))
+            self._set_weight(wanted, what=f"unmerging {names}")
+            self.merged = remaining
+        self._refresh()
+
+    def _set_weight(self, wanted: torch.Tensor, what: str) -> None:
+        """Quantize ``wanted`` (fp32, (out, in)) into a new parameter of the base's format, and warn
+        with the error that rounding made on this layer."""
+        old = self.weight
+        self.weight = self._quantize(wanted.to("cpu"), old).to(old.device)
+        self._relink()
+        got = dequantized_weight(self.base_layer)
+        error = (got - wanted.to(got.device)).abs().max().item()
+        scale = wanted.abs().max().item()
+        warnings.warn(f"{what} into a {self.quant_name} weight ({self.base_layer.out_features}x"
+                      f"{self.base_layer.in_features}) requantizes it: max error {error:.3g} on weights up to "
+                      f"{scale:.3g}. For exact weights merge into the unquantized checkpoint instead: minilora merge "
+                      "BASE_CHECKPOINT ADAPTER OUT", stacklevel=4)
+
+    def restore_base(self):
+        self._relink()
+        return self.base_layer
+
+
+class LoraLinear4bit(_QuantizedLinear):
+    """LoRA on ``bitsandbytes.nn.Linear4bit`` (nf4 or fp4, with or without double quantization)."""
+
+    quant_name = "4-bit"
+
+    def forward(self, x):
+        # peft clones the 4-bit output before adding to it (bitsandbytes may return a view that
+        # autograd cannot modify in place); the sum below is out of place, so no clone is needed.
+        return LoraLayer.forward(self, x)
+
+    @staticmethod
+    def _quantize(data: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+        return bnb.nn.Params4bit(data.to(like.quant_state.dtype), requires_grad=False, blocksize=like.blocksize,
+                                 compress_statistics=like.compress_statistics, quant_type=like.quant_type,
+                                 quant_storage=like.quant_storage, module=like.module)._quantize("cpu")
+
+
+class LoraLinear8bit(_QuantizedLinear):
+    """LoRA on ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8())."""
+
+    quant_name = "8-bit"
+
+    @staticmethod
+    def _quantize(data: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+        return bnb.nn.Int8Params(data.half(), requires_grad=False, has_fp16_weights=like.has_fp16_weights).to("cpu")
+
+    def _set_weight(self, wanted, what):
+        super()._set_weight(wanted, what)
+        self.base_layer.state.SCB = self.weight.SCB  # the layer's matmul state reads the new scales
+        self.base_layer.state.reset_grads()
+
+
+def quantized_layer_class(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA class for a bitsandbytes linear, or None for any other module."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        return LoraLinear4bit
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return LoraLinear8bit
+    return None
