@@ -7,6 +7,7 @@ the model and the config and raises on any problem; only then ``_apply`` swaps m
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -452,11 +453,18 @@ def adapted_modules(model: nn.Module) -> list[str]:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    """(trainable, total) parameter counts; shared (tied) tensors count once. A 4-bit packed
+    weight (bitsandbytes' Params4bit) counts its values, not its bytes: two per byte of storage,
+    as peft counts them."""
+    bnb = sys.modules.get("bitsandbytes")  # never imported just to look
+    packed = bnb.nn.Params4bit if bnb is not None else ()
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        count = p.numel()
+        if isinstance(p, packed):
+            count *= 2 * p.element_size()
+        total += count
+        trainable += count if p.requires_grad else 0
     return trainable, total
 
 

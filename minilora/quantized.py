@@ -37,14 +37,22 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     weight = module.weight
     if isinstance(weight, bnb.nn.Params4bit):
         data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
+        if _cpu_packed(weight):
             # bitsandbytes repacks a weight for its AVX512-BF16 CPU kernel in its first eval
-            # forward without grad; its own state-dict save unpacks first, and so does this (on
-            # copies: the layer keeps computing with the packed form).
-            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+            # forward without grad: codes reordered, block scales as (in / blocksize, out) bf16.
+            # Its inverse restores the codes (on copies here: the layer keeps the packed form)
+            # but not that scale layout, so the scales are taken as the kernel uses them.
+            data, _ = bnb.functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+            state = bnb.functional.QuantState(absmax=state.absmax.T.reshape(-1).float(), shape=state.shape,
+                                              code=state.code, blocksize=state.blocksize,
+                                              quant_type=state.quant_type, dtype=torch.float32)
         return bnb.functional.dequantize_4bit(data, state).float()
     scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
     return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).float()
+
+
+def _cpu_packed(weight: nn.Parameter) -> bool:
+    return getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False)
 
 
 class _QuantizedLinear(LoraLinear):
@@ -86,7 +94,19 @@ class _QuantizedLinear(LoraLinear):
     # ---------------------------------------------------------------- state dict through the base
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._relink()
-        self.base_layer._save_to_state_dict(destination, prefix, keep_vars)
+        if _cpu_packed(self.weight):
+            # bitsandbytes' save unpacks a CPU-repacked weight in place, and not exactly (see
+            # dequantized_weight): a state_dict() call, save_adapter's included, would change the
+            # model. It gets a copy to unpack; the layer keeps its own.
+            packed = self.weight
+            self.base_layer._parameters["weight"] = bnb.nn.Params4bit(
+                packed.data.clone(), requires_grad=False, quant_state=copy.deepcopy(packed.quant_state),
+                blocksize=packed.blocksize, compress_statistics=packed.compress_statistics,
+                quant_type=packed.quant_type, quant_storage=packed.quant_storage, bnb_quantized=True)
+        try:
+            self.base_layer._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._relink()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -126,6 +146,7 @@ class _QuantizedLinear(LoraLinear):
         if keep_original and self.original_weights is None:
             # The packed parameter is replaced, never changed in place: keeping it is exact and free.
             self.original_weights = (self.weight, None if self.bias is None else self.bias.detach().clone())
+            self._original_state = self._quant_state()
         wanted, bias = self.merged_weights(names)
         self._set_weight(wanted, what=f"merging {names}")
         if bias is not None:
@@ -146,6 +167,7 @@ class _QuantizedLinear(LoraLinear):
                 with torch.no_grad():
                     self.bias.copy_(bias)
             self._relink()
+            self._set_quant_state(self._original_state)
             self.merged, self.original_weights = [], None
             if remaining:
                 self.merge(remaining, keep_original=True)
@@ -179,6 +201,14 @@ class _QuantizedLinear(LoraLinear):
         self._relink()
         return self.base_layer
 
+    def _quant_state(self) -> object:
+        """Quantization state the base module holds apart from its weight (8-bit), to keep
+        with an original weight."""
+        return None
+
+    def _set_quant_state(self, state: object) -> None:
+        pass
+
 
 class LoraLinear4bit(_QuantizedLinear):
     """LoRA on ``bitsandbytes.nn.Linear4bit`` (nf4 or fp4, with or without double quantization)."""
@@ -192,7 +222,9 @@ class LoraLinear4bit(_QuantizedLinear):
 
     @staticmethod
     def _quantize(data: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
-        return bnb.nn.Params4bit(data.to(like.quant_state.dtype), requires_grad=False, blocksize=like.blocksize,
+        state = like.quant_state  # (the CPU repacking sets its dtype to bf16 and keeps the original)
+        dtype = state.original_dtype if _cpu_packed(like) else state.dtype
+        return bnb.nn.Params4bit(data.to(dtype), requires_grad=False, blocksize=like.blocksize,
                                  compress_statistics=like.compress_statistics, quant_type=like.quant_type,
                                  quant_storage=like.quant_storage, module=like.module)._quantize("cpu")
 
@@ -207,9 +239,18 @@ class LoraLinear8bit(_QuantizedLinear):
         return bnb.nn.Int8Params(data.half(), requires_grad=False, has_fp16_weights=like.has_fp16_weights).to("cpu")
 
     def _set_weight(self, wanted, what):
+        # bitsandbytes moves CB/SCB from the weight into the module's state in its first forward;
+        # a stale state would pair the new codes with the old scales. Cleared, the next forward
+        # moves the new ones.
+        self._set_quant_state((None, None))
         super()._set_weight(wanted, what)
-        self.base_layer.state.SCB = self.weight.SCB  # the layer's matmul state reads the new scales
+
+    def _quant_state(self):
+        return self.base_layer.state.CB, self.base_layer.state.SCB
+
+    def _set_quant_state(self, state):
         self.base_layer.state.reset_grads()
+        self.base_layer.state.CB, self.base_layer.state.SCB = state
 
 
 def quantized_layer_class(module: nn.Module) -> type[LoraLayer] | None:
