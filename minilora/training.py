@@ -69,7 +69,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     2. fp16/bf16 parameters that are not 4-bit packed weights (layer norms, embeddings, ``lm_head``)
        are cast to fp32 for stable training, unless the model is GPTQ/AQLM/EETQ/torchao/HQQ
        quantized (as peft).
-    3. For a model loaded in 4 or 8 bits with ``use_gradient_checkpointing``: the input
+    3. For a quantized model (bitsandbytes 4/8-bit, GPTQ, ...) with ``use_gradient_checkpointing``: the input
        embeddings' output requires grad (needed by reentrant checkpointing; skipped when
        ``gradient_checkpointing_kwargs`` says ``use_reentrant=False``), and
        ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`` is called.
@@ -89,8 +89,9 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         for p in model.parameters():
             if p.dtype in (torch.float16, torch.bfloat16) and not isinstance(p, packed):
                 p.data = p.data.to(torch.float32)
-    kbit = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
-    if kbit and use_gradient_checkpointing:
+    quantized = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) \
+        or getattr(model, "quantization_method", None) in _KEEP_DTYPES or getattr(model, "hqq_quantized", False)
+    if quantized and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
             embeddings = model.get_input_embeddings()
             embeddings.register_forward_hook(_input_requires_grad)
