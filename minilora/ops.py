@@ -192,6 +192,7 @@ def dora_merge_norm(blocks: Iterable[torch.Tensor], transposed: bool) -> torch.T
 #: Rows whose low-rank norm² is under 1/DORA_FALLBACK of its rounding scale are recomputed directly:
 #: there W_i and s·(BA)_i nearly cancel, and the identity's error grows by that ratio.
 DORA_FALLBACK = 4.0
+_FALLBACK_ELEMENTS = 1 << 18
 
 
 @torch.no_grad()
@@ -243,9 +244,11 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     if bad.any():
         # The cancellation that made these rows bad costs fp32 the digits DoRA needs: float64
         # (MPS has none: fp32 there), a block of rows at a time.
+        # Blocks of at most 1/8 of the weight (and 256K elements): large adapters (‖sΔ_i‖ ≳ 0.3‖W_i‖
+        # at r = 16) flag many rows without any cancellation, since the bound is a worst case.
         wide = torch.float32 if weight.device.type == "mps" else torch.float64
         idx = bad.nonzero().squeeze(1)
-        step = row_blocks((len(idx), rows.shape[1]))[0].stop or 1
+        step = max(1, min(_FALLBACK_ELEMENTS, rows.numel() // 8) // max(rows.shape[1], 1))
         for start in range(0, len(idx), step):
             part = idx[start:start + step]
             norm2[part] = _direct_norm2(rows[part], A, B[part], scaling, wide).to(dtype)
