@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel lies on disk on our machines; elsewhere pip takes a normal torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test demo bench
+.PHONY: venv test demo bench bench-dora bench-qlora
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,9 @@ venv: $(VENV)/.installed
 # per process (OMP_NUM_THREADS=1: no split reductions; the first pass uses every core).
 NUMERIC_TESTS := tests/test_equivalence_peft.py tests/test_distributed.py tests/test_merge.py \
 	tests/test_cli_merge.py tests/test_kernels_interpret.py tests/test_properties.py \
-	tests/test_adapters.py tests/test_grad_checkpointing.py tests/test_init.py
+	tests/test_adapters.py tests/test_grad_checkpointing.py tests/test_init.py \
+	tests/test_dora_norm.py tests/test_dora_peft.py tests/test_dora_adapters.py \
+	tests/test_cli_merge_dora.py tests/test_qlora.py
 OTHER_SUMS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 OMP_NUM_THREADS=1
 
 test: $(VENV)/.installed
@@ -35,3 +37,11 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_cpu.py
+
+# QLoRA training step (4-bit NF4 Llama, ~100M parameters) vs peft: time and peak memory (needs peft).
+bench-qlora: $(VENV)/.installed
+	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_qlora.py
+
+# DoRA vs LoRA and vs peft's DoRA on one layer, with the memory of a training step (needs peft).
+bench-dora: $(VENV)/.installed
+	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_dora.py

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend", "merge_dtype",
-           "row_blocks", "dora_norm", "dora_merge_norm", "dora_linear"]
+           "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm", "dora_linear"]
 
 _BACKENDS = ("auto", "torch", "triton")
 # Read once: torch.compile bakes an os.environ lookup into the graph without a guard, so a later
@@ -189,10 +189,31 @@ def dora_merge_norm(blocks: Iterable[torch.Tensor], transposed: bool) -> torch.T
     return (total if transposed else torch.cat(parts)).sqrt()
 
 
-#: Rows whose low-rank norm² is under 1/DORA_FALLBACK of its rounding scale are recomputed directly:
-#: there W_i and s·(BA)_i nearly cancel, and the identity's error grows by that ratio.
+#: Rows whose low-rank norm² may be off by more than DORA_FALLBACK times the worst case of a plain
+#: fp32 sum are recomputed directly: there W_i and s·(BA)_i nearly cancel.
 DORA_FALLBACK = 4.0
-_FALLBACK_ELEMENTS = 1 << 18
+#: A W_iᵀ and ‖W_i‖² are summed over column chunks of at least this many (at most _MAX_CHUNKS
+#: chunks): fp32 rounds within a chunk, the chunks are added in float64.
+DORA_DOT_CHUNK, _MAX_CHUNKS = 256, 32
+_SMALL_BLOCK_ELEMENTS = 1 << 18
+
+
+def _small_blocks(shape: tuple[int, int], rows: int | None = None) -> list[slice]:
+    """Slices covering ``rows`` (default shape[0]) rows of a 2-D weight of ``shape``, each at most
+    1/8 of that weight and 256K elements (one row at least): dora_norm's casts and recomputations,
+    never a weight-sized temporary."""
+    step = max(1, min(_SMALL_BLOCK_ELEMENTS, shape[0] * shape[1] // 8) // max(shape[1], 1))
+    return [slice(i, i + step) for i in range(0, shape[0] if rows is None else rows, step)]
+
+
+def dora_dot_chunk(K: int) -> int:
+    """Columns per chunk of ``dora_norm``'s fp32 products over K inputs (c in its bound)."""
+    return max(1, min(DORA_DOT_CHUNK, K), -(-K // _MAX_CHUNKS))
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """float64, where DoRA's norms finish; MPS has none, so float32 there."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @torch.no_grad()
@@ -200,13 +221,18 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
               transposed: bool = False) -> torch.Tensor:
     """‖W_i + s·(B A)_i‖ for every output row i, without building an (out, in) temporary.
 
-    Uses ‖W_i + sΔ_i‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ: one (r, out) product A Wᵀ
-    and an (r, r) Gram matrix. A fp16/bf16 weight is read in blocks of rows cast to fp32.
-    The identity's rounding error is at most about (K+2r+5)·u times its terms over absolute values,
-    ‖W_i‖² + 2|s|·‖W_i‖·Σ_k |B_ik|·‖A_k‖ + s²·|B_i| (|A||A|ᵀ) |B_i|ᵀ (Cauchy–Schwarz on A W_iᵀ),
-    which matters only where that scale dwarfs the result: W_i and s·Δ_i nearly cancel. Those rows (scale > DORA_FALLBACK × result) are recomputed
-    directly from W_i + s·B_i A in float64, so every norm is about as accurate as its inputs
-    allow (peft's fp32 sum is not). Deciding that is one ``.any()``: a host sync on CUDA.
+    Uses ‖W_i + sΔ_i‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ. The two weight-sized reads
+    are fp32: ‖W_i‖², and W Aᵀ (out, r) as one batched product over chunks of c =
+    ``dora_dot_chunk(in)`` columns whose sums are added in float64, like everything after them
+    ((out, r)- and (r, r)-sized work). A fp16/bf16 weight is cast a block of rows at a time. The
+    result is within γ_m = m·u/(1-m·u) (u: fp32's unit roundoff, m = in + ⌈in/c⌉ + r + 6) times
+        scale_i = ‖W_i‖² + κ·2|s|·‖W_i‖·Σ_k |B_ik|·‖A_k‖ + ρ·s²·|B_i| (|A||A|ᵀ) |B_i|ᵀ
+    (Cauchy–Schwarz on A W_iᵀ; κ = (c + ⌈in/c⌉ + r + 4)/m: chunks round less than one long sum;
+    ρ = 2⁻²⁹·(in+2r+5)/m: the Gram term is rounded in float64 only). A row keeps that result when
+    the bound is at most DORA_FALLBACK·γ_{in+2r+5} of its norm²: within 4× the worst case of a
+    plain fp32 sum of that length. Otherwise W_i and s·Δ_i nearly cancel, and the row is
+    recomputed directly from W_i + s·B_i A in float64, so every norm is about as accurate as its
+    inputs allow (peft's fp32 sum is not). Deciding that is one ``.any()``: a host sync on CUDA.
 
     Under torch.compile every row is formed directly instead, in blocks of rows (no branch on
     data, so the model stays one graph; inductor fuses each block's add, square and sum): the
@@ -222,37 +248,65 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     rows = weight.T if transposed else weight  # (out, in) view
     if torch.compiler.is_compiling():
         return _direct_norm2(rows, A, B, scaling, dtype).sqrt()
-    if weight.dtype == dtype:
-        AW = A @ rows.T  # (r, out)
-        w2 = torch.linalg.vector_norm(rows, dim=1).square()
-    else:  # cast blockwise: a whole-matrix cast is the (out, in) temporary this function avoids
-        AW = A.new_empty(A.shape[0], rows.shape[0])
-        w2 = A.new_empty(rows.shape[0])
-        for part in row_blocks(tuple(rows.shape)):
-            block = rows[part].to(dtype)
-            AW[:, part] = A @ block.T
-            w2[part] = torch.linalg.vector_norm(block, dim=1).square()
-    cross = (B * AW.T).sum(1)  # B_i · (A W_iᵀ)
+    wide = _wide_dtype(weight.device)
+    n_out, K = rows.shape
+    r, c = A.shape[0], dora_dot_chunk(K)
+    WA = B.new_empty(n_out, r, dtype=wide)  # W Aᵀ
+    # cast blockwise: a whole-matrix cast is the (out, in) temporary this function avoids
+    for part in [slice(None)] if weight.dtype == dtype else _small_blocks(tuple(rows.shape)):
+        WA[part] = _chunked_product(rows[part].to(dtype), A, c).to(wide).sum(0)
+    w2 = _row_norms2(weight, transposed, dtype).to(wide)  # off by γ_{K+2} relative
+    A, B = A.to(wide), B.to(wide)
     quad = ((B @ (A @ A.T)) * B).sum(1)  # ‖(BA)_i‖²
-    norm2 = w2 + (2 * scaling) * cross + (scaling * scaling) * quad
-    # Each term's rounding error is at most γ_K times the same term over absolute values:
-    # |A W_iᵀ| <= ‖A_k‖‖W_i‖ (Cauchy–Schwarz) and |A Aᵀ| <= |A||A|ᵀ (r x r, cheap).
-    absB = B.abs()
-    scale = w2 + (2 * abs(scaling)) * w2.sqrt() * (absB @ torch.linalg.vector_norm(A, dim=1)) \
-        + (scaling * scaling) * ((absB @ (A.abs() @ A.abs().T)) * absB).sum(1)
-    bad = ~(norm2 * DORA_FALLBACK >= scale)  # also NaN (an overflowing ‖W_i‖²)
+    norm2 = w2 + (2 * scaling) * (B * WA).sum(1) + (scaling * scaling) * quad
+    # ‖W_i‖² is off by γ_{K+2} relative; each chunk's entry of W Aᵀ by γ_c·Σ|W_ik||A_jk| <=
+    # γ_c·‖W_i‖‖A_j‖; the rest is rounded in `wide`, whose unit roundoff is eps_ratio of fp32's.
+    m = K + -(-K // c) + r + 6
+    absB, absA = B.abs(), A.abs()
+    eps_ratio = torch.finfo(wide).eps / torch.finfo(dtype).eps
+    kappa, rho = (c + -(-K // c) + r + 4) / m, eps_ratio * (K + 2 * r + 5) / m
+    scale = w2 + (kappa * 2 * abs(scaling)) * w2.sqrt() * (absB @ torch.linalg.vector_norm(A, dim=1)) \
+        + (rho * scaling * scaling) * ((absB @ (absA @ absA.T)) * absB).sum(1)
+    # keep where γ_m·scale <= DORA_FALLBACK·γ_{K+2r+5}·norm²; also flags NaN, and a ‖W_i‖² whose fp32
+    # sum of squares overflowed (float64 holds the row's norm)
+    bad = ~(norm2 * (DORA_FALLBACK * (K + 2 * r + 5) / m) >= scale) | w2.isinf()
     if bad.any():
-        # The cancellation that made these rows bad costs fp32 the digits DoRA needs: float64
-        # (MPS has none: fp32 there), a block of rows at a time.
-        # Blocks of at most 1/8 of the weight (and 256K elements): large adapters (‖sΔ_i‖ ≳ 0.3‖W_i‖
-        # at r = 16) flag many rows without any cancellation, since the bound is a worst case.
-        wide = torch.float32 if weight.device.type == "mps" else torch.float64
+        # These rows cancel: their digits come from forming W_i + s·B_i A itself, in float64, a
+        # block of rows at a time (at most 1/8 of the weight and 256K elements).
         idx = bad.nonzero().squeeze(1)
-        step = max(1, min(_FALLBACK_ELEMENTS, rows.numel() // 8) // max(rows.shape[1], 1))
-        for start in range(0, len(idx), step):
-            part = idx[start:start + step]
-            norm2[part] = _direct_norm2(rows[part], A, B[part], scaling, wide).to(dtype)
-    return norm2.clamp_min(0).sqrt()
+        for part in _small_blocks(tuple(rows.shape), len(idx)):
+            norm2[idx[part]] = _direct_norm2(rows[idx[part]], A, B[idx[part]], scaling, wide)
+    return norm2.clamp_min(0).sqrt().to(dtype)
+
+
+def _row_norms2(weight: torch.Tensor, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """‖W_i‖² (out,) as float64, from fp32 sums over blocks of stored rows (each cast on its own, at
+    most 1/8 of the weight and 256K elements: never a weight-sized temporary). For a ``transposed``
+    weight each block's squares are summed down its columns: a reduction across the inner dim is
+    ~40x slower on the CPU than along it."""
+    if weight.dtype == dtype and not transposed:
+        return torch.linalg.vector_norm(weight, dim=1).square().double()
+    sums = []
+    for part in _small_blocks(tuple(weight.shape)):
+        block = weight[part].to(dtype)
+        sums.append(block.square().sum(0) if transposed else torch.linalg.vector_norm(block, dim=1).square())
+    if not sums:
+        return weight.new_zeros(weight.shape[1] if transposed else 0, dtype=torch.float64)
+    return torch.stack(sums).double().sum(0) if transposed else torch.cat(sums).double()
+
+
+def _chunked_product(rows: torch.Tensor, A: torch.Tensor, c: int) -> torch.Tensor:
+    """(n, k, r), n = ⌈K/c⌉: rows (k, K) @ A (r, K)ᵀ summed over each chunk of c columns separately
+    (the last one shorter when c does not divide K), one batched GEMM over views of rows: no copy."""
+    K = rows.shape[1]
+    n, whole = -(-K // c), K - K % c
+    out = rows.new_empty(n, rows.shape[0], A.shape[0])
+    if whole:
+        torch.bmm(rows[:, :whole].unflatten(1, (whole // c, c)).transpose(0, 1),
+                  A[:, :whole].unflatten(1, (whole // c, c)).permute(1, 2, 0), out=out[:whole // c])
+    if whole < K:
+        torch.mm(rows[:, whole:], A[:, whole:].T, out=out[-1])
+    return out
 
 
 def _direct_norm2(rows: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,

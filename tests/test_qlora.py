@@ -868,7 +868,7 @@ def test_offline_merge_into_the_bf16_checkpoint(checkpoints, tmp_path, regime, l
     if regime == "large-update":
         assert dist["mean_abs_delta"] > 10 * dist["mean_abs_nf4_error_of_W"]
         assert dist["mean_abs_requant_error"] > dist["mean_abs_nf4_error_of_W"]  # absmax grew with delta
-        assert dist["offline_vs_qlora"] < dist["requant_vs_qlora"]  # measured 0.27 vs 0.33
+        assert dist["offline_vs_qlora"] < dist["requant_vs_qlora"]  # measured 0.106 vs 0.449
     else:
         assert dist["mean_abs_delta"] < dist["mean_abs_nf4_error_of_W"]
         # the requantized merge lost the adapter: it is about one adapter effect from the QLoRA model
