@@ -6,6 +6,10 @@ leaves every final file whole (old or new). What a kill can leave behind is temp
 names carry the writer's process id, and :func:`remove_stale_temporaries` (run by the next write
 into the same folder) removes those of processes that no longer exist.
 
+A new folder (the offline merge's output) is written the same way as a whole: into a temporary
+folder beside its final name, renamed into place at the end (:func:`new_folder`), so it appears
+complete or not at all.
+
 Modes are as a plain ``open(path, "w")`` would give them: new files get ``0o666`` less the
 umask (0644 under umask 022, so a serving process running as another user can read an adapter),
 and a file that is overwritten keeps its mode.
@@ -17,14 +21,18 @@ only where the file system orders the fsynced data before the rename (ext4 and x
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
+import shutil
+import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 __all__ = ["write_file", "commit", "stage", "remove_stale_temporaries", "fsync_folder", "is_temporary",
-           "process_identity", "process_gone"]
+           "process_identity", "process_gone", "new_folder", "claim_folder", "remove_stale_folders"]
 
 _SUFFIX = ".tmp"
 # .<final name>.<pid>.<random>.tmp
@@ -152,3 +160,83 @@ def remove_stale_temporaries(folder: str, *, subfolders: bool = False) -> list[s
                 with contextlib.suppress(OSError):
                     os.rmdir(item.path)  # only succeeds when nothing else is in it
     return removed
+
+
+# ---------------------------------------------------------------- folders
+# A folder is written as ".<final name>.partial-<pid>-<random>" beside its final name, after
+# "<that>.owner" naming the writing process was created; a killed writer leaves both, and the next
+# new_folder in the same parent removes them once that process is gone. Nothing without an owner
+# file of ours is ever removed.
+_PARTIAL = re.compile(r"\..+\.partial-(?P<pid>\d+)-[0-9a-f]{8}")
+_OWNER = ".owner"
+
+
+def claim_folder(final: Path) -> tuple[Path, Path]:
+    """Create the temporary folder for ``final`` and its owner file (first: a kill in between
+    leaves an owner file alone, which the next writer removes); returns both."""
+    tmp = final.parent / f".{final.name[:200]}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    owner = tmp.with_name(tmp.name + _OWNER)
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "process": process_identity(os.getpid())}
+    fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(info))
+    try:
+        tmp.mkdir()
+    except BaseException:
+        owner.unlink()
+        raise
+    return tmp, owner
+
+
+def _owner_gone(owner: str, pid: int) -> bool:
+    """Whether the writer that created ``owner`` has stopped; False whenever that cannot be told."""
+    try:
+        with open(owner, "rb") as handle:
+            info = json.loads(handle.read(4096) or b"{}")  # empty: killed between creating and writing it
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict) or info.get("host", socket.gethostname()) != socket.gethostname():
+        return False  # another machine's, on a shared file system: its processes cannot be seen from here
+    return process_gone(pid, info.get("process"))
+
+
+def remove_stale_folders(parent: str | os.PathLike) -> None:
+    """Remove the temporary folders (and owner files) in ``parent`` of writers that were killed:
+    owner file named as ours, a regular file of this user, naming a process that is gone."""
+    with os.scandir(parent) as it:
+        owners = [e for e in it if e.name.endswith(_OWNER) and _PARTIAL.fullmatch(e.name[: -len(_OWNER)])]
+    for entry in owners:
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
+                continue
+            if not _owner_gone(entry.path, int(_PARTIAL.fullmatch(entry.name[: -len(_OWNER)])["pid"])):
+                continue
+            folder = Path(parent) / entry.name[: -len(_OWNER)]
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder)
+            os.unlink(entry.path)  # last: a removal stopped midway is redone by the next writer
+
+
+@contextlib.contextmanager
+def new_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder to fill; when the block ends, it is fsynced and renamed to
+    ``final`` (which must not exist), so ``final`` appears complete or not at all.
+
+    Temporary folders of killed writers in the same parent are removed first. An exception in the
+    block removes the temporary folder and propagates.
+    """
+    final = Path(final)
+    remove_stale_folders(final.parent)
+    tmp, owner = claim_folder(final)
+    try:
+        yield tmp
+        fsync_folder(str(tmp))
+        os.rename(tmp, final)  # atomic on one file system
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            owner.unlink()
+    fsync_folder(str(final.parent))

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Union
 
+from minilora.matching import pattern_key
 from minilora.patterns import PatternError, compile_pattern
 
 __all__ = ["LoraConfig", "INIT_SCHEMES", "BIAS_MODES", "RANK_LIMIT", "ALPHA_LIMIT"]
@@ -277,6 +278,14 @@ class LoraConfig:
     def scaling_for(self, r: int, alpha: float) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """(rank, alpha) of one module: the first ``rank_pattern`` / ``alpha_pattern`` key matching
+        ``module_name`` as ``(.*\\.)?(key)$`` (peft's lookup), else ``r`` / ``lora_alpha``. Its
+        scaling is ``scaling_for(rank, alpha)``."""
+        key_r, key_a = pattern_key(self.rank_pattern, module_name), pattern_key(self.alpha_pattern, module_name)
+        return (self.rank_pattern[key_r] if key_r is not None else self.r,
+                self.alpha_pattern[key_a] if key_a is not None else self.lora_alpha)
 
     def replace(self, **changes: Any) -> "LoraConfig":
         """A copy with some fields changed (validated again)."""

@@ -18,7 +18,7 @@ import torch.nn as nn
 from minilora.config import LoraConfig
 from minilora.layers import (SUPPORTED_TYPES, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear,
                              lora_layer_class, unsupported_reason)
-from minilora.matching import (closest_names, is_target, matches_name, pattern_key,
+from minilora.matching import (closest_names, is_target, matches_name,
                                unmatched_targets)
 from minilora.modules_to_save import ModulesToSave
 from minilora.patterns import time_budget
@@ -193,10 +193,7 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
         if config.use_dora and not cls.supports_dora:
             raise ValueError(f"use_dora=True on {name!r}, a {type(base).__name__}: DoRA over a quantized base is not "
                              "supported by minilora; use plain LoRA (use_dora=False) there, or exclude it")
-        key_r = pattern_key(config.rank_pattern, name)
-        key_a = pattern_key(config.alpha_pattern, name)
-        r = config.rank_pattern[key_r] if key_r is not None else config.r
-        alpha = config.alpha_pattern[key_a] if key_a is not None else config.lora_alpha
+        r, alpha = config.rank_and_alpha(name)
         if config.init_lora_weights in ("pissa", "olora"):
             _check_decomposable(name, module, cls, r, config.init_lora_weights)
             if isinstance(module, LoraLayer):

@@ -432,8 +432,8 @@ class LoraLinear(LoraLayer):
         return super().forward(x)
 
     def delta_weight(self, adapter):
-        dtype = merge_dtype(self.weight.dtype)
-        return adapter.scaling * (adapter.lora_B.to(dtype) @ adapter.lora_A.to(dtype))
+        return ops.lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling, merge_dtype(self.weight.dtype),
+                              transposed=self.transposed)
 
 
 class LoraConv1D(LoraLinear):
@@ -457,9 +457,6 @@ class LoraConv1D(LoraLinear):
 
     def forward(self, x):
         return LoraLayer.forward(self, x)
-
-    def delta_weight(self, adapter):
-        return super().delta_weight(adapter).T  # fan_in_fan_out: stored transposed
 
 
 class LoraEmbedding(LoraLayer):
@@ -506,8 +503,8 @@ class LoraEmbedding(LoraLayer):
         return g * y + g * self.lora_term(adapter, x)
 
     def delta_weight(self, adapter):
-        dtype = merge_dtype(self.weight.dtype)
-        return adapter.scaling * (adapter.lora_B.to(dtype) @ adapter.lora_A.to(dtype)).T
+        return ops.lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling, merge_dtype(self.weight.dtype),
+                              transposed=True)
 
 
 class LoraConv(LoraLayer):
@@ -536,10 +533,7 @@ class LoraConv(LoraLayer):
         return None
 
     def merge_problem(self, names, keep_original=False):
-        if self.base_layer.groups > 1:
-            return (f"LoRA on a grouped conv (groups={self.base_layer.groups}) cannot be merged: A mixes "
-                    "channels across groups, which a grouped weight cannot hold. Use it unmerged")
-        return super().merge_problem(names, keep_original)
+        return ops.grouped_merge_problem(self.base_layer.groups) or super().merge_problem(names, keep_original)
 
     def factor_shapes(self, r):
         base = self.base_layer
@@ -594,9 +588,7 @@ class LoraConv(LoraLayer):
         problem = self.merge_problem([])
         if problem:
             raise ValueError(problem)
-        dtype = merge_dtype(self.weight.dtype)
-        B = adapter.lora_B.to(dtype).flatten(1)  # (out, r)
-        return adapter.scaling * torch.einsum("or,r...->o...", B, adapter.lora_A.to(dtype))
+        return ops.lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling, merge_dtype(self.weight.dtype))
 
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

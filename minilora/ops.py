@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend", "merge_dtype",
-           "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm", "dora_linear"]
+           "lora_delta", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm", "dora_linear"]
 
 _BACKENDS = ("auto", "torch", "triton")
 # Read once: torch.compile bakes an os.environ lookup into the graph without a guard, so a later
@@ -146,6 +146,39 @@ def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype a delta s·B·A is computed in before W + delta is rounded once to the weight's
     dtype: fp32 for bf16/fp16/fp32 weights, fp64 for fp64 ones (fp32 would throw away precision)."""
     return torch.promote_types(weight_dtype, torch.float32)
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype, *, transposed: bool = False,
+               rows: slice = slice(None)) -> torch.Tensor:
+    """s·B@A in ``dtype``, in the weight's stored layout: the one formula of every merge.
+
+    ``LoraLayer.delta_weight`` calls it for the whole weight, the offline merge for one
+    ``row_blocks`` block at a time; a block's rows are the whole product's rows (see row_blocks),
+    so both merges get the same bits.
+
+    Args:
+        A: (r, in) for Linear / Conv1D / Embedding; (r, in, *kernel) for a ConvNd.
+        B: (out, r); (out, r, 1, ...) for a ConvNd.
+        transposed: the weight is stored (in, out) (Conv1D, fan_in_fan_out, Embedding).
+        rows: which stored rows to compute (default all).
+    Returns:
+        (out, in), (out, in, *kernel), or (in, out) when ``transposed``, restricted to ``rows``;
+        a transposed result is a column-major view.
+    """
+    A, B = A.to(dtype), B.to(dtype)
+    if transposed:
+        return (B @ A[:, rows]).mul_(scaling).T
+    if A.dim() > 2:  # ConvNd: B (out, r, 1, ...) read as (out, r)
+        return torch.einsum("or,r...->o...", B.flatten(1)[rows], A).mul_(scaling)
+    return (B[rows] @ A).mul_(scaling)
+
+
+def grouped_merge_problem(groups: int) -> str | None:
+    """Why a LoRA on a conv with ``groups`` cannot be merged into its weight, or None."""
+    if groups > 1:
+        return (f"LoRA on a grouped conv (groups={groups}) cannot be merged: A mixes channels across groups, "
+                "which a grouped weight cannot hold. Use it unmerged")
+    return None
 
 
 # Rows per block of a merge: about 1M elements (4 MiB as fp32), never fewer than 256 rows. The floor

@@ -11,6 +11,9 @@ One home for what both readers need, ``load_adapter`` (into a model) and the off
 * :func:`check_tensor`: one adapter tensor against what it is for (shape, a float dtype, and
   finite values *after* the cast to the dtype it will have, so an fp64 1e300 is refused for an
   fp32 adapter and an fp32 1e5 for an fp16 model);
+* :func:`adapter_modules`: an adapter file's keys parsed into LoRA modules (factor keys,
+  rank/alpha checked against the config, DoRA magnitudes against ``use_dora``) and the tensors
+  that replace a model tensor (modules_to_save copies, trained biases);
 * :func:`config_digest`: the digest of a config that ``save_adapter`` writes into the weights
   file's metadata, so that a weights file paired with another config (a save killed between its
   two renames) is refused instead of loading with the wrong scaling.
@@ -36,7 +39,7 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX", "FACTOR_
            "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "AdapterFileError", "TensorEntry", "read_json",
            "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor", "check_tensor",
            "check_finite", "header_bytes",
-           "tensor_bytes", "safetensors_bytes"]
+           "tensor_bytes", "safetensors_bytes", "AdapterModule", "adapter_modules"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -356,3 +359,107 @@ def check_digest(weights_path: str, metadata: Mapping[str, str], config_data: Ma
             f"in its metadata differs): the save that wrote them was interrupted between its two files, or "
             f"one of them was replaced or edited. Loading would apply the weights with the wrong settings; "
             f"save the adapter again")
+
+
+# ---------------------------------------------------------------- an adapter file's keys
+# file key suffix -> (LoraAdapter parameter, whether the suffix means an Embedding). DoRA's
+# "lora_magnitude_vector" is the same for every kind: it tells nothing.
+_SUFFIXES = {f".{suffix}": (param, embedding and suffix not in FACTOR_KEYS[False].values())
+             for embedding, keys in FACTOR_KEYS.items() for param, suffix in keys.items()}
+
+
+@dataclass
+class AdapterModule:
+    """One LoRA module of an adapter file: the file keys of its tensors, its scaling, its layout.
+
+    ``name`` is the module's name in the model (after :data:`PEFT_PREFIX`). ``transposed`` (the
+    weight is stored (in, out): Conv1D, fan_in_fan_out) is not in the file; the offline merge
+    sets it once it knows the weight.
+    """
+
+    name: str
+    lora_A: str | None = None
+    lora_B: str | None = None
+    lora_bias: str | None = None
+    magnitude: str | None = None  # DoRA's lora_magnitude_vector
+    embedding: bool = False
+    scaling: float = 1.0
+    transposed: bool = False
+
+
+def adapter_modules(config: LoraConfig, tensors: Mapping[str, TensorEntry], where: str
+                    ) -> tuple[dict[str, AdapterModule], dict[str, str]]:
+    """The LoRA modules of an adapter file by name, and model key -> file key for the tensors
+    that replace a model tensor (modules_to_save copies, trained biases).
+
+    Run it under ``patterns.time_budget()``: the config's rank/alpha patterns are matched here.
+
+    Raises:
+        ValueError: a key not in peft's format, another LoRA variant, a module lacking a factor, a
+            scalar factor, a rank other than the config's (``rank_pattern``).
+        AdapterFileError: DoRA magnitudes missing or present against the config's ``use_dora``.
+    """
+    modules: dict[str, AdapterModule] = {}
+    replace: dict[str, str] = {}
+    for key in tensors:
+        name = key[len(PEFT_PREFIX):]
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"adapter tensor {key!r} does not start with {PEFT_PREFIX!r}; {where} is not in peft's "
+                             "format")
+        if not name:
+            raise ValueError(f"{where}: adapter tensor {key!r} names no module after {PEFT_PREFIX!r}; the file is "
+                             "not in peft's format")
+        suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
+        if suffix is not None:
+            factor, embedding = _SUFFIXES[suffix]
+            module = modules.setdefault(name[: -len(suffix)], AdapterModule(name[: -len(suffix)]))
+            setattr(module, factor, key)
+            module.embedding |= embedding
+        elif ".lora_" in name:
+            raise ValueError(f"adapter tensor {key!r} is neither LoRA nor DoRA (another variant?); minilora merge "
+                             "knows lora_A / lora_B / lora_embedding_A / lora_embedding_B / lora_magnitude_vector")
+        elif ".base_layer." in name:  # an adapted module's own tensor saved anew: a trained bias
+            replace[name.replace(".base_layer.", ".")] = key  # (bias="lora_only"), an untied embedding
+        else:  # a modules_to_save copy's parameter, or a trained bias of a plain module
+            replace[name] = key
+    for module in modules.values():
+        _check_factors(config, module, tensors, where)
+    _check_dora(config, modules, where)
+    return modules, replace
+
+
+def _check_factors(config: LoraConfig, module: AdapterModule, tensors: Mapping[str, TensorEntry], where: str) -> None:
+    """Both factors present and not scalars, the rank the config gives the module; sets its scaling."""
+    if module.lora_A is None or module.lora_B is None:
+        has = ("lora_A" if module.lora_A is not None else "lora_B" if module.lora_B is not None
+               else "lora_magnitude_vector" if module.magnitude is not None else "lora_B.bias")
+        lacks = ("neither lora_A nor lora_B" if module.lora_A is None and module.lora_B is None
+                 else f"not {'lora_A' if module.lora_A is None else 'lora_B'}")
+        raise ValueError(f"adapter has {has} but {lacks} for {module.name!r}; the file is incomplete")
+    for factor in (module.lora_A, module.lora_B):  # (more on dims once the weight is known)
+        if not tensors[factor].shape:
+            raise ValueError(f"{where}: {factor!r} is a scalar; LoRA factors have 2 or more dims, so the adapter "
+                             "file is malformed")
+    r = tensors[module.lora_A].shape[0]
+    want_r, alpha = config.rank_and_alpha(module.name)
+    if r != want_r:
+        raise ValueError(f"{CONFIG_NAME} gives {module.name!r} rank {want_r}, but its lora_A has rank {r}; the "
+                         "config and the weights do not belong together")
+    module.scaling = config.scaling_for(r, alpha)
+
+
+def _check_dora(config: LoraConfig, modules: Mapping[str, AdapterModule], where: str) -> None:
+    """A DoRA magnitude for every module when the config says ``use_dora``, and none otherwise:
+    the keys ``load_adapter`` would find missing or unexpected, refused in the same terms."""
+    odd = sorted(m.name for m in modules.values() if (m.magnitude is None) == config.use_dora)
+    if not odd:
+        return
+    more = f" (and {len(odd) - 1} more module(s))" if len(odd) > 1 else ""
+    if config.use_dora:
+        raise AdapterFileError(
+            f"{where} lacks {PEFT_PREFIX + odd[0] + '.' + FACTOR_KEYS[False]['magnitude']!r}{more}, the DoRA "
+            f"magnitude of LoRA module {odd[0]!r} that the config implies ({CONFIG_NAME} says use_dora=true); the "
+            "file does not belong to this config")
+    raise AdapterFileError(
+        f"{where} has the unexpected key {modules[odd[0]].magnitude!r}{more}, a DoRA magnitude of LoRA module "
+        f"{odd[0]!r}, but {CONFIG_NAME} says use_dora=false; the file does not belong to this config")

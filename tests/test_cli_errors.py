@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import minilora
 from minilora.checkpoint import save_adapter
 from minilora.cli import main
-from minilora.cli import merge as merge_module
+from minilora import offline_merge as merge_module
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]

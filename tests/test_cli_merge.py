@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import minilora
 from minilora.checkpoint import save_adapter
 from minilora.cli import main
-from minilora.cli.merge import merge_checkpoint
+from minilora.offline_merge import merge_checkpoint
 import tiny_models as tm
 
 transformers = pytest.importorskip("transformers")
@@ -300,7 +300,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch, transformers, safetensors
     from safetensors.torch import load_file
-    from minilora.cli.merge import _model_facts, merge_checkpoint
+    from minilora.offline_merge import _model_facts, merge_checkpoint
 
     def kib(field):  # from /proc/self/status: VmRSS (now) or VmHWM (peak since the last reset)
         return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field)))

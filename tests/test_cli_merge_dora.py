@@ -20,7 +20,7 @@ import minilora
 import minilora.ops as ops_module
 from minilora.checkpoint import load_adapter, save_adapter
 from minilora.cli import main
-from minilora.cli.merge import _delta, _LoraModule, merge_checkpoint
+from minilora.offline_merge import merge_checkpoint
 from minilora.inject import lora_layers
 from minilora.layers import LoraConv1D, LoraEmbedding
 from minilora.ops import merge_dtype
@@ -140,11 +140,10 @@ def layer_references(model: nn.Module) -> dict[str, tuple]:
         flip = isinstance(layer, (LoraConv1D, LoraEmbedding))
         ref = dora_reference(layer.weight, adapter.lora_A, adapter.lora_B, adapter.scaling, adapter.magnitude,
                              flip, layer.weight.dtype)
-        module = _LoraModule(name, embedding=isinstance(layer, LoraEmbedding),
-                             transposed=isinstance(layer, LoraConv1D), scaling=adapter.scaling)
         whole = layer.delta_weight(adapter).detach()
-        same = all(torch.equal(_delta(module, adapter.lora_A.detach(), adapter.lora_B.detach(), rows,
-                                      merge_dtype(layer.weight.dtype)), whole[rows])
+        same = all(torch.equal(ops_module.lora_delta(adapter.lora_A.detach(), adapter.lora_B.detach(), adapter.scaling,
+                                                     merge_dtype(layer.weight.dtype), transposed=flip, rows=rows),
+                               whole[rows])
                    for rows in ops_module.row_blocks(tuple(whole.shape)))
         refs[name + ".weight"] = (*ref, same)
     return refs

@@ -26,8 +26,8 @@ import minilora
 from minilora import atomic
 from minilora.checkpoint import save_adapter
 from minilora.cli import main
-from minilora.cli import merge as merge_module
-from minilora.cli.merge import merge_checkpoint
+from minilora import offline_merge as merge_module
+from minilora.offline_merge import merge_checkpoint
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,8 @@ def test_out_inside_base_is_refused(ckpt, capsys, via_link):
 # after the final rename. Deterministic: the N-th point kills, whatever the speed of the machine.
 _KILL_POINTS = """
 def install(m, event, set_attr):
-    real_blocks, real_copy, real_claim, real_rename = m._Merger.blocks, m._copy_file, m._claim_partial, m.os.rename
+    from minilora import atomic
+    real_blocks, real_copy, real_claim, real_rename = m._Merger.blocks, m._copy_file, atomic.claim_folder, m.os.rename
 
     def blocks(self, key):
         for block in real_blocks(self, key):
@@ -174,13 +175,13 @@ def install(m, event, set_attr):
 
     set_attr(m._Merger, "blocks", blocks)
     set_attr(m, "_copy_file", copy_file)
-    set_attr(m, "_claim_partial", claim)
+    set_attr(atomic, "claim_folder", claim)
     set_attr(m.os, "rename", rename)
 """
 
 _KILLED_MERGE = _KILL_POINTS + """
 import os, signal, sys
-import minilora.cli.merge as m
+import minilora.offline_merge as m
 
 base, adapter, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 count = 0
@@ -248,7 +249,7 @@ def test_stale_partial_cleanup_removes_only_dead_merges_of_ours(ckpt):
             (work / (folder.name + ".owner")).write_text(json.dumps(owner))
         return folder
 
-    host = merge_module.socket.gethostname()
+    host = atomic.socket.gethostname()
     removed = [partial("gone", dead_pid, {"host": host, "pid": dead_pid, "process": None})]
     if identity is not None:  # (Linux) our PID, recorded for an earlier process: a PID reused
         removed.append(partial("reused", me, {"host": host, "pid": me, "process": identity + "0"}))

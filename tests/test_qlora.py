@@ -784,7 +784,7 @@ def test_offline_merge_into_the_bf16_checkpoint(checkpoints, tmp_path, regime, l
     """QLoRA training on the nf4 model, then ``minilora merge`` of the adapter into the original
     bf16 checkpoint, against peft's merge_and_unload into the 4-bit weights (requantized).
 
-    The offline merge writes bf16(W + s·B@A), the sum formed in fp32 (cli/merge.py: _delta in
+    The offline merge writes bf16(W + s·B@A), the sum formed in fp32 (offline_merge.py: ops.lora_delta in
     merge_dtype(bf16) = fp32, .add_(W), .to(bf16)): the model that was meant, W + delta, up to a
     bf16 rounding (<= 2**-9 relative per weight). The QLoRA model itself computes with Q(W) + delta;
     the offline merge differs from it by the base's own quantization error W - Q(W), the
@@ -798,7 +798,7 @@ def test_offline_merge_into_the_bf16_checkpoint(checkpoints, tmp_path, regime, l
       QLoRA model (the adapter is lost), and can be nearer to it than the offline merge is.
     In both, only the offline merge keeps what the adapter learned exactly.
     """
-    from minilora.cli.merge import merge_checkpoint
+    from minilora.offline_merge import merge_checkpoint
 
     base_q = load(checkpoints["fp32"], "nf4")
     torch.manual_seed(0)  # the kaiming init of A: the same adapter whatever ran before in this process
