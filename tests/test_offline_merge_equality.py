@@ -1,0 +1,79 @@
+"""The offline merge and the layers' merge give bit-identical weights, for every layer kind.
+
+Both compute s·B@A with ``ops.lora_delta`` in ``ops.merge_dtype`` and round W + delta once; DoRA's
+norms are summed by ``ops.dora_merge_norm`` over the same row blocks. These tests hold the two
+paths to ``torch.equal``, so a change to one that the other does not follow fails here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minilora
+from minilora import ops
+from minilora.offline_merge import merge_checkpoint
+from minilora.peft_format import safetensors_bytes
+from tiny_models import EmbedConv1D, build, randomize_adapters
+
+pytest.importorskip("transformers")  # transformers' Conv1D (GPT-2)
+
+# kind -> (model builder, config fields that pick the layers)
+KINDS = {
+    "linear": (lambda: build("mlp"), dict(target_modules=["lin0", "lin1", "head"])),
+    "conv1d_gpt2": (lambda: build("embed_conv1d"), dict(target_modules=["c_fc", "c_proj"], fan_in_fan_out=True)),
+    # square Conv1D weights: only fan_in_fan_out in the adapter's config tells the layout
+    "conv1d_gpt2_square": (lambda: (torch.manual_seed(0), EmbedConv1D(hidden=16))[1],
+                           dict(target_modules=["c_fc", "c_proj"], fan_in_fan_out=True)),
+    "embedding": (lambda: build("embed_conv1d"), dict(target_modules=["emb"])),
+    "conv1d": (lambda: build("conv1d"), dict(target_modules=["conv0", "conv1"])),
+    "conv2d": (lambda: build("conv2d"), dict(target_modules=["conv0", "conv1"])),
+    "conv3d": (lambda: build("conv3d"), dict(target_modules=["conv0", "conv1"])),
+}
+
+
+def _variant(name: str, targets: list[str]) -> dict:
+    return {"lora": {}, "rslora": dict(use_rslora=True),
+            "patterns": dict(rank_pattern={targets[0]: 2}, alpha_pattern={targets[-1]: 7}),
+            "dora": dict(use_dora=True)}[name]
+
+
+def _checkpoint_and_adapter(tmp_path, model, config: dict):
+    """Write the base model as ``base/model.safetensors``, inject and randomize, save the adapter."""
+    (tmp_path / "base").mkdir()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    (tmp_path / "base" / "model.safetensors").write_bytes(safetensors_bytes(state, {"format": "pt"}))
+    model = minilora.inject(model, r=4, lora_alpha=8, init_lora_weights=False, **config)
+    randomize_adapters(model)
+    minilora.save_adapter(model, tmp_path / "adapter")
+    return model, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["lora", "rslora", "patterns", "dora"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_offline_merge_is_bit_identical_to_merge_and_unload(tmp_path, kind, variant, dtype):
+    make, config = KINDS[kind]
+    config = {**config, **_variant(variant, config["target_modules"])}
+    model, base = _checkpoint_and_adapter(tmp_path, make().to(dtype), config)
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    want = minilora.merge_and_unload(model).state_dict()
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    for name in config["target_modules"]:  # the adapters did change the weights
+        assert not torch.equal(got[name + ".weight"], base[name + ".weight"]), name
+
+
+def test_grouped_conv_is_refused_by_both_merges_in_the_same_words(tmp_path):
+    model, _ = _checkpoint_and_adapter(tmp_path, build("conv2d", groups=2), dict(target_modules=["conv0"]))
+    problem = re.escape(ops.grouped_merge_problem(2))
+    with pytest.raises(ValueError, match=problem):
+        minilora.merge_and_unload(model)
+    with pytest.raises(ValueError, match=rf"'conv0': {problem}"):
+        merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
