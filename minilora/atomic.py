@@ -31,7 +31,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["write_file", "commit", "stage", "remove_stale_temporaries", "fsync_folder", "is_temporary",
+__all__ = ["write_file", "write_files", "commit", "stage", "remove_stale_temporaries", "fsync_folder", "is_temporary",
            "process_identity", "process_gone", "new_folder", "claim_folder", "remove_stale_folders"]
 
 _SUFFIX = ".tmp"
@@ -90,11 +90,40 @@ def commit(staged: list[tuple[str, str]]) -> None:
         fsync_folder(folder)
 
 
+def write_files(files: list[tuple[str, bytes]], root: str | None = None) -> None:
+    """Write files atomically each, renamed in the order given once all are staged.
+
+    Missing folders are created (and removed again if staging fails). Temporaries of killed
+    writers are removed first: in ``root`` and its immediate sub-folders, or else in each file's
+    folder. An exception before the renames leaves every final file as it was and no temporary.
+    """
+    finals = [os.path.abspath(os.fspath(path)) for path, _ in files]
+    for folder in [root] if root is not None else dict.fromkeys(os.path.dirname(f) for f in finals):
+        remove_stale_temporaries(os.fspath(folder), subfolders=root is not None)
+    created: list[str] = []
+    staged: list[tuple[str, str]] = []  # (temporary, final)
+    try:
+        for final, (_, data) in zip(finals, files):
+            missing = folder = os.path.dirname(final)
+            while not os.path.isdir(missing):  # remember what to remove on failure, deepest first
+                created.append(missing)
+                missing = os.path.dirname(missing)
+            os.makedirs(folder, exist_ok=True)
+            staged.append((stage(folder, os.path.basename(final), data), final))
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        for folder in dict.fromkeys(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+    commit(staged)
+
+
 def write_file(path: str | os.PathLike, data: bytes | Callable[[object], None]) -> None:
     """Write one file atomically (see the module docstring)."""
-    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    remove_stale_temporaries(folder)
-    commit([(stage(folder, name, data), os.path.join(folder, name))])
+    write_files([(os.fspath(path), data)])
 
 
 def fsync_folder(folder: str) -> None:

@@ -217,13 +217,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 
     Every folder either keeps its previous adapter or holds the new one, or (a process killed
     between the renames of its two files) is refused by ``load_adapter``; it never loads as a
-    mix. How: every file is first written to a fsynced temporary file beside its final name
-    (``minilora.atomic``); only when all are written are they renamed over the old ones, weights
-    before config; the weights file's metadata carries a digest of the config written with it,
-    which ``load_adapter`` checks. An exception before the renames leaves the previous files as
-    they were and no temporary behind; temporaries of a killed save are removed by the next save
-    into the same folder. New files get the umask's mode (0644 under umask 022); overwritten files
-    keep theirs.
+    mix: the files are written by ``atomic.write_files`` (weights renamed before config), and the
+    weights file's metadata carries a digest of the config written with it, which ``load_adapter``
+    checks. An exception before the renames leaves the previous files as they were and no
+    temporary behind; temporaries of a killed save are removed by the next save into ``path``.
 
     A model sharded with FSDP2 (``fully_shard``): call this on every rank with
     ``is_main_process=(rank == 0)``; only the adapter tensors are all-gathered, and only the main
@@ -240,36 +237,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         if name not in state.configs:
             raise ValueError(f"save_adapter: no adapter named {name!r}; this model has {sorted(state.configs)}")
         _check_folder_name(name)
-    payloads = []  # (folder, {file name: bytes}); everything is serialised before any disk write
+    files = []  # (path, bytes), weights before config in each folder: all serialised before any write
     for name in names:
         folder = os.fspath(path) if name == "default" else os.path.join(os.fspath(path), name)
         config_bytes = _config_json(model, state.configs[name])
-        payloads.append((folder, {WEIGHTS_NAME: _weights_bytes(adapter_state_dict(model, name), config_bytes),
-                                  CONFIG_NAME: config_bytes}))
-    if not is_main_process:  # a sharded model's other ranks: they took part in the gathers above
-        return
-    atomic.remove_stale_temporaries(os.fspath(path), subfolders=True)
-    created: list[str] = []
-    staged: list[tuple[str, str]] = []  # (temporary path, final path)
-    try:
-        for folder, files in payloads:
-            if not os.path.isdir(folder):
-                missing = folder
-                while missing and not os.path.isdir(missing):  # remember what to remove on failure
-                    created.append(missing)
-                    missing = os.path.dirname(missing)
-                os.makedirs(folder, exist_ok=True)
-            for file_name, data in files.items():  # weights first, config last
-                staged.append((atomic.stage(folder, file_name, data), os.path.join(folder, file_name)))
-    except BaseException:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        for folder in created:  # deepest first
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-        raise
-    atomic.commit(staged)
+        files += [(os.path.join(folder, WEIGHTS_NAME), _weights_bytes(adapter_state_dict(model, name), config_bytes)),
+                  (os.path.join(folder, CONFIG_NAME), config_bytes)]
+    if is_main_process:  # a sharded model's other ranks took part in the gathers above
+        atomic.write_files(files, root=os.fspath(path))
 
 
 # ---------------------------------------------------------------- reading and validating
