@@ -56,12 +56,12 @@ __all__ = ["AdapterFileError", "save_adapter", "load_adapter", "adapter_state_di
 
 # ---------------------------------------------------------------- which tensor goes where
 def _peft_names(model: nn.Module) -> dict[str, tuple[str, str | None]]:
-    """Model state-dict key -> (peft's key for it with the adapter name removed, owning adapter).
+    """Model state-dict key -> (its file key with the adapter name removed, owning adapter).
 
-    Keys outside LoRA layers and modules_to_save wrappers map to themselves with no owner.
-    The wrapper copies follow peft's name removal (``<w>.modules_to_save.<a>.bias`` ->
-    ``<w>.modules_to_save.bias``, while a deeper ``...<a>.dense.bias`` keeps the name): this only
-    shows in bias="all" files, where peft writes these keys.
+    Keys outside LoRA layers and modules_to_save wrappers map to themselves with no owner. A
+    wrapper copy's own parameter loses the adapter name (``<w>.modules_to_save.<a>.bias`` ->
+    ``<w>.modules_to_save.bias``), a deeper one keeps it (``...<a>.dense.bias``); only bias="all"
+    files hold such keys.
     """
     names: dict[str, tuple[str, str | None]] = {}
     for name, module in _walk(model):

@@ -48,8 +48,7 @@ PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> your model, in ev
 
 #: LoraAdapter parameter -> peft's key suffix, by whether the layer is an Embedding. peft keeps
 #: embedding factors as bare Parameters (no ".weight") and has no lora_bias for embeddings.
-#: DoRA's magnitude is saved under one name for every kind, without ".weight" (peft's file format
-#: predates its move into a submodule, and peft renames it on save and load).
+#: DoRA's magnitude has one name for every kind, without ".weight".
 FACTOR_KEYS: dict[bool, dict[str, str]] = {
     False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias",
             "magnitude": "lora_magnitude_vector"},
