@@ -6,17 +6,8 @@ peft's format load it)::
     adapter_config.json          LoraConfig.to_dict(): peft's field names, "peft_type": "LORA"
     adapter_model.safetensors    adapter tensors only, metadata {"format": "pt"}
 
-File keys are peft's model keys with the adapter name dropped and ``base_model.model.`` in front:
-
-    our state-dict key                               file key (after base_model.model.)
-    <m>.adapters.<a>.lora_A     (Linear/Conv1D/Conv)  <m>.lora_A.weight
-    <m>.adapters.<a>.lora_B                           <m>.lora_B.weight
-    <m>.adapters.<a>.lora_bias                        <m>.lora_B.bias
-    <m>.adapters.<a>.lora_A     (Embedding)           <m>.lora_embedding_A
-    <m>.adapters.<a>.lora_B     (Embedding)           <m>.lora_embedding_B
-    <w>.modules_to_save.<a>.<k>                       <w>.<k>
-    <m>.bias                    (bias="lora_only")    <m>.base_layer.bias
-    every ``*.bias``            (bias="all")          its peft name (``base_layer.bias`` in LoRA layers)
+File keys are peft's model keys with the adapter name dropped and ``base_model.model.`` in front
+(``peft_format.FACTOR_KEYS``; docs/interop.md has the whole table).
 
 Loading validates everything before the model is touched: the config, the file's integrity, the
 key set, every shape (against a structural copy of the model on the meta device with the adapter

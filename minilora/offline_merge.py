@@ -281,7 +281,8 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, conf
         if problem is not None:
             raise ValueError(f"{adapter / WEIGHTS_NAME}: LoRA module {m.name!r}: {problem}; the adapter file is "
                              "malformed")
-        if m.embedding:
+        if m.embedding:  # stored (num, dim): transposed, as LoraEmbedding
+            m.transposed = True
             want, fits = (A[1], B[0]), W == (A[1], B[0])
         elif len(A) > 2:  # ConvNd: A (r, in, *k), B (out, r // groups, 1..)
             want, fits = (B[0], A[1], *A[2:]), W == (B[0], A[1], *A[2:])
@@ -389,7 +390,8 @@ class _Merger:
             if m is not None:
                 # W + fp32 delta adds in fp32 and rounds once, as LoraLayer.merged_weights does
                 # (in place into the delta: the sum is the same bits, with one temporary less).
-                t = lora_delta(A, B, m.scaling, merge_dtype(dtype), transposed=m.embedding or m.transposed, rows=rows).add_(t).to(dtype)
+                t = lora_delta(A, B, m.scaling, merge_dtype(dtype), transposed=m.transposed, rows=rows).add_(t)
+                t = t.to(dtype)
             if bias is not None:
                 t = (t + mb.scaling * bias[rows]).to(dtype)
             if t is not base and t.is_floating_point():
@@ -411,10 +413,9 @@ class _Merger:
             it (W + delta): a transposed layout's delta is a column-major view, and the order in which
             ``dora_merge_norm`` sums a block depends on its layout."""
             base = read_tensor(source, rows).to(dtype)
-            delta = lora_delta(A, B, m.scaling, work, transposed=m.embedding or m.transposed, rows=rows)
-            return base, delta.add_(base).contiguous()
+            return base, lora_delta(A, B, m.scaling, work, transposed=m.transposed, rows=rows).add_(base).contiguous()
 
-        if m.embedding or m.transposed:  # outputs are columns: every block holds part of every norm
+        if m.transposed:  # outputs are columns: every block holds part of every norm
             norm = dora_merge_norm((merged(rows)[1] for rows in blocks), transposed=True)
             _check_norm(key, norm)
             scale = (mag / norm).view(1, -1)

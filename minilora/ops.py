@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend", "merge_dtype",
-           "lora_delta", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm", "dora_linear"]
+           "lora_delta", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm",
+           "dora_linear"]
 
 _BACKENDS = ("auto", "torch", "triton")
 # Read once: torch.compile bakes an os.environ lookup into the graph without a guard, so a later

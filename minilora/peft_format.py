@@ -372,8 +372,8 @@ class AdapterModule:
     """One LoRA module of an adapter file: the file keys of its tensors, its scaling, its layout.
 
     ``name`` is the module's name in the model (after :data:`PEFT_PREFIX`). ``transposed`` (the
-    weight is stored (in, out): Conv1D, fan_in_fan_out) is not in the file; the offline merge
-    sets it once it knows the weight.
+    weight is stored (in, out): Conv1D, fan_in_fan_out, Embedding) is not all in the file; the
+    offline merge sets it once it knows the weight.
     """
 
     name: str
