@@ -101,16 +101,12 @@ else:
 _RANK_TILE_BUDGET = 4096
 
 
+@functools.cache  # per device (a tensor's device always has its index); asked on every backward
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; ``FALLBACK_SM_COUNT`` for a non-CUDA device."""
     if device.type != "cuda":
         return FALLBACK_SM_COUNT
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache  # a device property query per backward call would cost more than the launch
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def rank_block(r: int) -> int:

@@ -75,22 +75,19 @@ def _settings(args: argparse.Namespace) -> Settings:
     return base if args.steps is None else Settings(**{**base.__dict__, "steps": args.steps})
 
 
-def _train_with_bar(task: Task, scenario: Scenario, settings: Settings, seed: int) -> nn.Module:
+def _train_all(task: Task, rows: list[Scenario], settings: Settings, seed: int) -> tuple[Scenario, nn.Module]:
+    """Train every scenario under a progress bar; the best LoRA one (accuracy, then fewer
+    trainable parameters) and its model."""
     from tqdm import tqdm
 
-    with tqdm(total=settings.steps, desc=f"{scenario.name:<32}", unit="step", leave=True) as bar:
-        def step_done(loss: float) -> None:
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.update()
-
-        return experiment.train_scenario(task, scenario, settings, seed, on_step=step_done)
-
-
-def _train_all(task: Task, rows: list[Scenario], settings: Settings, seed: int) -> tuple[Scenario, nn.Module]:
-    """Train every scenario; the best LoRA one (accuracy, then fewer trainable parameters) and its model."""
     best, best_model = None, None
     for scenario in rows:
-        model = _train_with_bar(task, scenario, settings, seed)
+        with tqdm(total=settings.steps, desc=f"{scenario.name:<32}", unit="step", leave=True) as bar:
+            def step_done(loss: float, bar=bar) -> None:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                bar.update()
+
+            model = experiment.train_scenario(task, scenario, settings, seed, on_step=step_done)
         better = best is None or (scenario.accuracy, -scenario.trainable) > (best.accuracy, -best.trainable)
         if scenario.config is not None and better:
             best, best_model = scenario, model
