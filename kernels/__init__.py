@@ -11,7 +11,11 @@ import functools
 import importlib.util
 import os
 
-__all__ = ["available", "fused_lora_linear"]
+__all__ = ["MAX_RANK", "available", "fused_lora_linear"]
+
+#: the largest rank the kernels take (padded to a power of two inside). Here, not in
+#: lora_matmul.py, so that ``minilora.ops`` can read it without importing triton.
+MAX_RANK = 256
 
 
 @functools.cache  # asked on every CUDA forward; the answer cannot change within a process

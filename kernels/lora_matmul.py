@@ -34,12 +34,15 @@ fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+from minilora.kernels import MAX_RANK
 
 # ----------------------------------------------------------------------------------------------
 # Configs: fixed, chosen per kernel and M bucket (no autotune, so every config used on the GPU
@@ -63,7 +66,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Largest M for which "auto" takes the single fused forward kernel (guess; tune on the GPU).
 FUSED_MAX_M = 64
-MAX_RANK = 256
+
+# SMs assumed where no CUDA device can be asked: under the interpreter (CPU tensors) the launch
+# shapes then match those of an H100 SXM, the GPU the configs were written for.
+FALLBACK_SM_COUNT = 132
 
 if INTERPRET:  # small tiles: the interpreter runs programs one by one through numpy
     FUSED_CONFIGS = ((64, Config(16, 32, 32)),)
@@ -93,6 +99,14 @@ else:
 # Elements of a tile that spans the rank: tiles shrink as the rank grows so that the pipelined
 # A / B / dU tiles and the fp32 rank accumulators fit in shared memory and registers.
 _RANK_TILE_BUDGET = 4096
+
+
+@functools.cache  # per device (a tensor's device always has its index); asked on every backward
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; ``FALLBACK_SM_COUNT`` for a non-CUDA device."""
+    if device.type != "cuda":
+        return FALLBACK_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def rank_block(r: int) -> int:
@@ -535,65 +549,74 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.T
     Returns:
         dx (M, K) in x's dtype or None, dA (r, K) in A's dtype, dB (N, r) in B's dtype.
     """
+    _check_backward_inputs(dy, x, weight, A, B, s, seed)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if x.shape[0] == 0:
+        dx = torch.zeros_like(x) if need_dx else None
+        return dx, torch.zeros_like(A), torch.zeros_like(B)
+    seed_arg = seed if seed is not None else x
+    du, db = _grad_s(dy, B, s, scale, deterministic)
+    da = _grad_a(x, du, A, p, seed_arg)
+    dx = None
+    if need_dx:  # (3) dX = dY W0 + keep ⊙ (dU A): the forward GEMM on transposed views
+        dx = _new_output(x.shape, x.dtype, x.device)
+        _gemm(dy, weight.t(), du, A.t(), None, dx, p=p, seed=seed_arg, mask_seed=p > 0.0)
+    return dx, da, db
+
+
+def _check_backward_inputs(dy, x, weight, A, B, s, seed) -> None:
     _check_forward_inputs(x, weight, None, A, B, seed)
     _check_device(x=x, dy=dy, s=s)
-    (M, K), N, r = x.shape, weight.shape[0], A.shape[0]
+    (M, _), N, r = x.shape, weight.shape[0], A.shape[0]
     if tuple(dy.shape) != (M, N) or dy.dtype != x.dtype:
         raise ValueError(f"dy must be ({M}, {N}) {x.dtype}, got {tuple(dy.shape)} {dy.dtype}")
     if tuple(s.shape) != (M, r) or s.dtype != x.dtype:
         raise ValueError(f"s must be ({M}, {r}) {x.dtype}, got {tuple(s.shape)} {s.dtype}")
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    if M == 0:
-        dx = torch.zeros_like(x) if need_dx else None
-        return dx, torch.zeros_like(A), torch.zeros_like(B)
-    seed_arg = seed if seed is not None else x
-    precision = _dot_precision(x.dtype)
-    block_r = rank_block(r)
 
-    # (1) dU = scale · dY B, dB = dYᵀ S
-    cfg = config_for("grad_s", M, block_r, x.element_size())
+
+def _grad_s(dy, B, s, scale, deterministic) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward step 1: dU = scale · dY B (M, r) in dY's dtype, and dB = dYᵀ S (N, r) in B's."""
+    (M, N), r = dy.shape, B.shape[1]
+    cfg = config_for("grad_s", M, rank_block(r), dy.element_size())
     grid_m = triton.cdiv(M, cfg.block_m)
-    du = _new_output((M, r), x.dtype, x.device)
-    if deterministic:
-        db32 = _new_output((grid_m, N, r), torch.float32, x.device)
-    else:
-        db32 = torch.zeros((N, r), dtype=torch.float32, device=x.device)
+    du = _new_output((M, r), dy.dtype, dy.device)
+    if deterministic:  # one fp32 partial per M block, summed below in a fixed order
+        db32 = _new_output((grid_m, N, r), torch.float32, dy.device)
+    else:  # fp32 atomics into one zeroed (N, r)
+        db32 = torch.zeros((N, r), dtype=torch.float32, device=dy.device)
     _grad_s_kernel[(grid_m,)](
         dy, B, s, du, db32,
         M, N, r,
         *dy.stride(), *B.stride(), *s.stride(), *du.stride(),
         db32.stride(0) if deterministic else 0, db32.stride(-2), db32.stride(-1),
         scale,
-        ATOMIC=not deterministic, DOT_PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
+        ATOMIC=not deterministic, DOT_PRECISION=_dot_precision(dy.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(r),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    db = (db32.sum(0) if deterministic else db32).to(B.dtype)
+    return du, (db32.sum(0) if deterministic else db32).to(B.dtype)
 
-    # (2) dA = dUᵀ (keep ⊙ x), split over rows so that enough programs run
-    cfg = config_for("grad_a", M, block_r, x.element_size())
+
+def _grad_a(x, du, A, p, seed) -> torch.Tensor:
+    """Backward step 2: dA = dUᵀ (keep ⊙ x) (r, K) in A's dtype, from fp32 partials over row
+    splits: enough programs for about two waves on the device's SMs, summed afterwards."""
+    (M, K), r = x.shape, A.shape[0]
+    cfg = config_for("grad_a", M, rank_block(r), x.element_size())
     grid_k = triton.cdiv(K, cfg.block_k)
     blocks_m = triton.cdiv(M, cfg.block_m)
-    splits = max(1, min(blocks_m, 264 // grid_k))  # about two waves of 132 SMs
+    splits = max(1, min(blocks_m, 2 * sm_count(x.device) // grid_k))
     rows_per_split = triton.cdiv(blocks_m, splits) * cfg.block_m
     splits = triton.cdiv(M, rows_per_split)
     da32 = _new_output((splits, r, K), torch.float32, x.device)
     _grad_a_kernel[(grid_k, splits)](
-        x, du, da32, seed_arg,
+        x, du, da32, seed,
         M, K, r, rows_per_split,
         *x.stride(), *du.stride(), *da32.stride(),
         p,
-        DROPOUT=p > 0.0, DOT_PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+        DROPOUT=p > 0.0, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(r),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    da = da32.sum(0).to(A.dtype)
-
-    # (3) dX = dY W0 + keep ⊙ (dU A): the forward GEMM on transposed views, mask on the seed
-    dx = None
-    if need_dx:
-        dx = _new_output((M, K), x.dtype, x.device)
-        _gemm(dy, weight.t(), du, A.t(), None, dx, p=p, seed=seed_arg, mask_seed=p > 0.0)
-    return dx, da, db
+    return da32.sum(0).to(A.dtype)
 
 
 def dropout_keep_mask(seed: torch.Tensor, m: int, k: int, p: float) -> torch.Tensor:

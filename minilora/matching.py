@@ -1,8 +1,8 @@
-"""Which module names a LoraConfig selects: pure functions over names, peft's rules exactly.
+"""Which module names a LoraConfig selects: pure functions over names.
 
 Every pattern taken from a config is matched through :mod:`minilora.patterns` (bounded time).
 
-Order (as peft): exclude_modules, then anything inside a modules_to_save module, then
+Order: exclude_modules, then anything inside a modules_to_save module, then
 target_modules (list: exact name or dot-boundary suffix; str: ``re.fullmatch`` on the full name),
 then layers_to_transform / layers_pattern (list targets matched by suffix only).
 """
@@ -37,7 +37,7 @@ def is_excluded(name: str, config: LoraConfig) -> bool:
 
 
 def inside_modules_to_save(name: str, modules_to_save: Sequence[str] | None) -> bool:
-    """True for a modules_to_save module and everything below it (peft's ``(^|.*\\.)m($|\\..*)``)."""
+    """True for a modules_to_save module and everything below it (``(^|.*\\.)m($|\\..*)``)."""
     return any(patterns.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or ())
 
 
@@ -66,7 +66,7 @@ def is_target(name: str, config: LoraConfig, targets: Sequence[str] | str | None
     if isinstance(targets, str):
         return patterns.fullmatch(targets, name)
     if name in targets:
-        return True  # an exact full name is taken as is (peft skips layers_to_transform here)
+        return True  # an exact full name is taken as is: layers_to_transform does not apply
     if not any(name.endswith("." + key) for key in targets):
         return False
     wanted = config.layers_to_transform
@@ -79,7 +79,7 @@ def is_target(name: str, config: LoraConfig, targets: Sequence[str] | str | None
 
 
 def pattern_key(keys: Iterable[str], name: str) -> str | None:
-    """The first rank/alpha-pattern key that matches ``name`` (peft's ``(.*\\.)?(key)$``)."""
+    """The first rank/alpha-pattern key that matches ``name`` (``(.*\\.)?(key)$``)."""
     for key in keys:
         if patterns.match(rf"(.*\.)?({key})$", name):
             return key

@@ -30,6 +30,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from minilora import kernels
+
 __all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend", "merge_dtype",
            "lora_delta", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm",
            "dora_linear"]
@@ -75,10 +77,6 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return (result + lora_branch(x, A, B, scaling, dropout_p, training)).to(result.dtype)
 
 
-#: the largest rank the fused kernels take (the rank is padded to a power of two inside).
-MAX_KERNEL_RANK = 256
-
-
 def _autocast_recasts(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True inside an autocast region that would run F.linear in another dtype than the weight's:
     the custom op has no autocast rule, so the kernels would silently compute in the model dtype."""
@@ -96,20 +94,15 @@ def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = Non
         return "torch"
     # The kernels compute in the base dtype and treat the base weight as frozen.
     usable = (x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
-              and x.dtype == weight.dtype and not weight.requires_grad and rank <= MAX_KERNEL_RANK
+              and x.dtype == weight.dtype and not weight.requires_grad and rank <= kernels.MAX_RANK
               and not _autocast_recasts(x, weight))
-    if usable:
-        try:
-            from minilora.kernels import available
-            usable = available()
-        except ImportError:
-            usable = False
+    usable = usable and kernels.available()  # finds triton without importing it
     if choice == "triton" and not usable:
         raise RuntimeError(
             "backend 'triton' was forced but cannot run here: it needs x on a CUDA device, "
             "x and a frozen (requires_grad=False) weight of one dtype among fp16/bf16/fp32 "
             "(and, inside autocast, the autocast dtype), "
-            f"a rank of at most {MAX_KERNEL_RANK}, "
+            f"a rank of at most {kernels.MAX_RANK}, "
             "and an importable triton (pip install minilora[triton])")
     return "triton" if usable else "torch"
 
@@ -120,8 +113,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 backend: str | None = None) -> torch.Tensor:
     """LoRA linear through the fastest available path; same contract as the reference."""
     if backend_for(x, weight, backend, rank=A.shape[0]) == "triton":
-        from minilora.kernels import fused_lora_linear
-        return fused_lora_linear(x, weight, bias, A, B, scaling, dropout_p, training)
+        return kernels.fused_lora_linear(x, weight, bias, A, B, scaling, dropout_p, training)
     return _lora_linear_torch(x, weight, bias, A, B, scaling, dropout_p, training)
 
 

@@ -1,10 +1,10 @@
 """Regular expressions from configs and adapter files, compiled once and matched in bounded time.
 
-peft interprets several config fields as regular expressions (a string ``target_modules`` or
+Several config fields are regular expressions (a string ``target_modules`` or
 ``exclude_modules``, ``rank_pattern`` / ``alpha_pattern`` keys, and ``layers_pattern`` and
-``modules_to_save`` entries spliced into its own patterns). An ``adapter_config.json`` is untrusted
+``modules_to_save`` entries spliced into fixed patterns). An ``adapter_config.json`` is untrusted
 input, and a pattern like ``(a|a)*b`` backtracks exponentially on a long module name: Python's
-``re`` (and so peft) can spin for hours. Every match here goes through the ``regex`` engine, which
+``re`` can spin for hours. Every match here goes through the ``regex`` engine, which
 accepts ``re``'s syntax with the same meaning and can stop a match after a timeout, under a
 budget for the whole operation (see :func:`time_budget`): a hostile pattern costs a few seconds
 and a clear error, never a hang.

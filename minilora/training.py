@@ -119,7 +119,9 @@ def save_adapter_sharded(model: nn.Module, path: str | os.PathLike, adapter_name
     dist.barrier()  # nobody reads the folder (or exits) before rank 0 has written it
 
 
-def _make_save_adapter_callback() -> type:
+def _define_save_adapter_callback() -> type:
+    """Define ``SaveAdapterCallback``: called on first access only, because its base class
+    comes from transformers, which is optional and slow to import (see ``__getattr__``)."""
     from transformers import TrainerCallback
 
     class SaveAdapterCallback(TrainerCallback):
@@ -143,6 +145,9 @@ def _make_save_adapter_callback() -> type:
             slim_trainer_checkpoint: keep only trainable tensors in the Trainer's weights file.
         """
 
+        # Defined in a function, but reached (and pickled) as minilora.training.SaveAdapterCallback.
+        __qualname__ = "SaveAdapterCallback"
+
         def __init__(self, adapter_name: str | None = None, subfolder: str = "adapter",
                      slim_trainer_checkpoint: bool = False) -> None:
             self.adapter_name, self.subfolder = adapter_name, subfolder
@@ -159,8 +164,6 @@ def _make_save_adapter_callback() -> type:
             if self.slim_trainer_checkpoint:
                 _slim_trainer_weights(model, folder, is_main_process=args.should_save)
 
-    SaveAdapterCallback.__qualname__ = SaveAdapterCallback.__name__
-    SaveAdapterCallback.__module__ = __name__
     return SaveAdapterCallback
 
 
@@ -198,14 +201,10 @@ def _slim_trainer_weights(model: nn.Module, folder: str, is_main_process: bool) 
                 os.remove(os.path.join(folder, name))
 
 
-_LAZY = {"SaveAdapterCallback": _make_save_adapter_callback}
-_built: dict[str, type] = {}
-
-
 def __getattr__(name: str) -> Any:
-    # transformers is heavy and optional: build the callback class on first use only.
-    if name in _LAZY:
-        if name not in _built:
-            _built[name] = _LAZY[name]()
-        return _built[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Module attributes not found otherwise (PEP 562): SaveAdapterCallback, defined on first
+    # access and then stored as a plain module global, so this runs once.
+    if name != "SaveAdapterCallback":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = _define_save_adapter_callback()
+    return globals()[name]

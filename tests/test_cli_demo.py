@@ -19,7 +19,7 @@ import torch
 
 import minilora
 from minilora.cli import main
-from minilora.cli import demo
+from minilora.demo import experiment, tasks
 import tiny_models as tm
 
 transformers = pytest.importorskip("transformers")
@@ -31,7 +31,7 @@ NAMES = ["head only", "LoRA attention", "LoRA attention + embeddings", "LoRA att
 
 @pytest.fixture(scope="module")
 def quick_task():
-    return demo.classification_task(demo.QUICK, seed=0, quick=True)
+    return tasks.classification_task(tasks.QUICK, seed=0, quick=True)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_quick_demo_outputs(quick_run, capsys):
     rows = results["scenarios"]
     assert [r["name"] for r in rows] == NAMES
     for row in rows:
-        assert len(row["losses"]) == demo.QUICK.steps and all(math.isfinite(x) for x in row["losses"])
+        assert len(row["losses"]) == tasks.QUICK.steps and all(math.isfinite(x) for x in row["losses"])
         assert 0.0 <= row["accuracy"] <= 1.0 and row["seconds"] > 0
     png = (out / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -65,7 +65,7 @@ def test_quick_demo_parameter_counts(quick_run):
     peft = pytest.importorskip("peft")
     _, results = quick_run
     rows = {r["name"]: r for r in results["scenarios"]}
-    r, h, f, layers, labels, vocab = 8, 384, 1536, 6, len(demo._QUICK_LABELS), 30522
+    r, h, f, layers, labels, vocab = 8, 384, 1536, 6, len(tasks.QUICK_LABELS), 30522
     head = h * labels + labels
     attention = layers * 4 * r * (h + h)
     mlp = layers * 2 * r * (h + f)
@@ -75,9 +75,9 @@ def test_quick_demo_parameter_counts(quick_run):
     assert {n: rows[n]["trainable"] for n in NAMES} == expected
 
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tm.minilm_dir(), num_labels=labels)
-    task = demo.Task("t", base, [], [], None, None, ["classifier"], ["bert.embeddings.word_embeddings"],
-                     *demo._block_targets(base, {"classifier"}), task_type="SEQ_CLS", description="")
-    for scenario in demo.scenarios(task, demo.QUICK)[1:]:
+    task = tasks.Task("t", base, [], [], None, None, ["classifier"], ["bert.embeddings.word_embeddings"],
+                     *tasks.block_targets(base, {"classifier"}), task_type="SEQ_CLS", description="")
+    for scenario in experiment.scenarios(task, tasks.QUICK)[1:]:
         fields = {k: v for k, v in scenario.config.to_dict().items()
                   if k in ("r", "lora_alpha", "target_modules", "modules_to_save", "task_type")}
         with warnings.catch_warnings():
@@ -94,7 +94,7 @@ def test_saved_best_adapter_reproduces_reported_accuracy(quick_run, quick_task):
     task = quick_task
     fresh = copy.deepcopy(task.model)
     ours = minilora.load_adapter(fresh, out / "best-adapter")
-    assert demo._evaluate(task, ours) == best["accuracy"]
+    assert experiment.evaluate(task, ours) == best["accuracy"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(task.model), out / "best-adapter").eval()
@@ -107,23 +107,23 @@ def test_training_is_deterministic_given_seed(quick_task):
     task = quick_task
     runs = []
     for seed in (0, 0, 1):
-        scenario = demo.scenarios(task, demo.QUICK)[3]  # LoRA attention+MLP (dropout in BERT is on)
-        with demo._deterministic():
-            demo.train_scenario(task, scenario, demo.Settings(**{**demo.QUICK.__dict__, "steps": 3}), seed)
+        scenario = experiment.scenarios(task, tasks.QUICK)[3]  # LoRA attention+MLP (dropout in BERT is on)
+        with experiment.deterministic():
+            experiment.train_scenario(task, scenario, tasks.Settings(**{**tasks.QUICK.__dict__, "steps": 3}), seed)
         runs.append(scenario.losses)
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
 
 def test_docstring_dataset():
-    data = demo.docstring_dataset(("json", "math", "pathlib"), per_label=15)
-    assert data == demo.docstring_dataset(("json", "math", "pathlib"), per_label=15)
+    data = tasks.docstring_dataset(("json", "math", "pathlib"), per_label=15)
+    assert data == tasks.docstring_dataset(("json", "math", "pathlib"), per_label=15)
     texts = [t for t, _ in data]
     assert len(texts) == len(set(texts))  # no text twice, nor under two labels
     counts = [sum(1 for _, y in data if y == label) for label in range(3)]
     assert all(0 < c <= 15 for c in counts) and counts[1] == counts[2] == 15
     assert all(len(t) >= 20 and "\n" not in t for t in texts)
-    train, test = demo._split(len(data), [y for _, y in data], seed=0)
+    train, test = tasks.split(len(data), [y for _, y in data], seed=0)
     assert sorted(train + test) == list(range(len(data))) and not set(train) & set(test)
     assert {data[i][1] for i in test} == {0, 1, 2}  # stratified: every class held out
 
@@ -139,7 +139,7 @@ def test_demo_on_a_users_causal_lm(tmp_path, capsys):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(Path(tm.minilm_dir()) / name, tmp_path / "lm" / name)
-    text = "\n\n".join(t for t, _ in demo.docstring_dataset(("pathlib", "json"), per_label=40))
+    text = "\n\n".join(t for t, _ in tasks.docstring_dataset(("pathlib", "json"), per_label=40))
     (tmp_path / "data.txt").write_text(text)
     assert main(["demo", "--quick", "--model", str(tmp_path / "lm"), "--data", str(tmp_path / "data.txt"),
                  "--out", str(tmp_path / "out"), "--steps", "3"]) == 0

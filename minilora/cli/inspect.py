@@ -155,9 +155,32 @@ def meta_model(folder: str | Path, *, guess_class: bool = True) -> nn.Module:
     import torch
     import transformers
 
-    folder = Path(folder)
-    path = folder / CONFIG_FILE
+    path = Path(folder) / CONFIG_FILE
     fields = read_model_config(folder)
+    model_type, arch, cls = _checked_names(transformers, fields, path, guess_class)
+    with _quiet_bounded_build(path):
+        config_class, config = _config(transformers, fields, model_type, path)
+        wanted = getattr(cls, "config_class", None)
+        if isinstance(wanted, type) and not isinstance(config, wanted):
+            raise NotBuildable(f"{path} names architecture {arch!r}, which takes a {wanted.__name__}, but its "
+                               f"model_type {model_type!r} makes a {type(config).__name__}")
+        try:
+            with torch.device("meta"):
+                if cls is not None:
+                    return cls(config)
+                return transformers.AutoModel.from_config(config, trust_remote_code=False)
+        except NotBuildable:
+            raise
+        except Exception as err:  # noqa: BLE001 -- a model's __init__ fails on odd values in many ways
+            raise NotBuildable(f"{path}: transformers {transformers.__version__} could not build "
+                               f"{arch or 'a model'} from it: {one_line(err)}"
+                               f"{_suspects(fields, config_class)}") from None
+
+
+def _checked_names(transformers: Any, fields: dict[str, Any], path: Path, guess_class: bool,
+                   ) -> tuple[str, str | None, type | None]:
+    """(model_type, architecture or None, transformers' class for it or None), each checked
+    against what this transformers knows (see ``meta_model`` for the errors)."""
     version = f"transformers {transformers.__version__}"
     archs, model_type = fields.get("architectures"), fields.get("model_type")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
@@ -178,31 +201,22 @@ def meta_model(folder: str | Path, *, guess_class: bool = True) -> nn.Module:
     if arch is not None and cls is None:
         raise NotBuildable(f"{CONFIG_FILE} names architecture {arch!r}, which {version} does not have "
                            f"(custom code is never run){custom}")
-    with _quiet_bounded_build(path):
-        try:
-            config_class = transformers.CONFIG_MAPPING[model_type]
-        except Exception as err:  # noqa: BLE001 -- the lazy import of its module failed (a missing extra package)
-            raise NotBuildable(f"{path}: {version} cannot import the config of model_type {model_type!r} here: "
-                               f"{one_line(err)}") from None
-        try:
-            config = config_class.from_dict(_without_auto_map(fields))
-        except Exception as err:  # noqa: BLE001 -- transformers validates fields with many exception types
-            raise NotBuildable(f"{path}: {version} refuses it as a model_type {model_type!r} config: "
-                               f"{one_line(err)}{_suspects(fields, config_class)}") from None
-        wanted = getattr(cls, "config_class", None)
-        if isinstance(wanted, type) and not isinstance(config, wanted):
-            raise NotBuildable(f"{path} names architecture {arch!r}, which takes a {wanted.__name__}, but its "
-                               f"model_type {model_type!r} makes a {type(config).__name__}")
-        try:
-            with torch.device("meta"):
-                if cls is not None:
-                    return cls(config)
-                return transformers.AutoModel.from_config(config, trust_remote_code=False)
-        except NotBuildable:
-            raise
-        except Exception as err:  # noqa: BLE001 -- a model's __init__ fails on odd values in many ways
-            raise NotBuildable(f"{path}: {version} could not build {arch or 'a model'} from it: {one_line(err)}"
-                               f"{_suspects(fields, config_class)}") from None
+    return model_type, arch, cls
+
+
+def _config(transformers: Any, fields: dict[str, Any], model_type: str, path: Path) -> tuple[type, Any]:
+    """(config class, config) of ``model_type`` from the fields, without any auto_map."""
+    version = f"transformers {transformers.__version__}"
+    try:
+        config_class = transformers.CONFIG_MAPPING[model_type]
+    except Exception as err:  # noqa: BLE001 -- the lazy import of its module failed (a missing extra package)
+        raise NotBuildable(f"{path}: {version} cannot import the config of model_type {model_type!r} here: "
+                           f"{one_line(err)}") from None
+    try:
+        return config_class, config_class.from_dict(_without_auto_map(fields))
+    except Exception as err:  # noqa: BLE001 -- transformers validates fields with many exception types
+        raise NotBuildable(f"{path}: {version} refuses it as a model_type {model_type!r} config: "
+                           f"{one_line(err)}{_suspects(fields, config_class)}") from None
 
 
 def _describe(module: nn.Module) -> str:
