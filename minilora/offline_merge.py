@@ -52,7 +52,7 @@ from minilora.peft_format import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapte
                                   TensorEntry, adapter_modules, check_digest, check_finite, check_tensor,
                                   header_bytes, read_config_file, read_header, read_json, read_tensor, tensor_bytes)
 
-__all__ = ["merge_checkpoint", "MergeSummary", "SINGLE_FILE", "INDEX_FILE"]
+__all__ = ["merge_checkpoint", "MergeSummary"]
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Files that hold (unmerged) weights in another format: never copied into OUT, never unpickled.
@@ -617,7 +617,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
     tmp = None
     try:
         with atomic.new_folder(out) as tmp:
-            summary = _write(plan, base, tmp, progress)
+            summary = _write(plan, base, tmp, out, progress)
     except OSError as err:
         if tmp is None:  # a read-only folder, ...: say which folder, not our temporary's name
             raise OSError(f"cannot write into the parent folder of OUT, {out.parent} ({err.strerror or err})") from None
@@ -625,12 +625,11 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
             where = f"{err.filename}: " if err.filename else ""
             raise OSError(f"merging into OUT {out} failed ({where}{err.strerror}); nothing was written") from err
         raise
-    summary.out = out
     return summary
 
 
-def _write(plan: _Plan, base: Path, tmp: Path, progress: Progress | None) -> MergeSummary:
-    """Write the merged checkpoint into the (temporary) folder ``tmp``."""
+def _write(plan: _Plan, base: Path, tmp: Path, out: Path, progress: Progress | None) -> MergeSummary:
+    """Write the merged checkpoint into ``tmp``, the temporary folder that becomes ``out``."""
     merger, ck_tensors = plan.merger, plan.ck_tensors
     # Tied groups the adapter touches: keep them tied only if every member merges to the same values.
     untied: list[str] = []
@@ -666,5 +665,5 @@ def _write(plan: _Plan, base: Path, tmp: Path, progress: Progress | None) -> Mer
     if untied and (tmp / "config.json").is_file():  # (untied needs model facts: config.json was read)
         _write_json(tmp / "config.json", {**read_json(tmp / "config.json", "a transformers model config"),
                                           "tie_word_embeddings": False})
-    return MergeSummary(tmp, len(plan.modules), len(plan.replace), total, len(by_shard), written, untied, skipped,
+    return MergeSummary(out, len(plan.modules), len(plan.replace), total, len(by_shard), written, untied, skipped,
                         plan.renamed, sum(m.magnitude is not None for m in plan.modules.values()))

@@ -27,6 +27,7 @@ import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 
+from minilora import ops
 from minilora.layers import LoraLayer, LoraLinear
 
 __all__ = ["LoraLinear4bit", "LoraLinear8bit", "quantized_layer_class", "dequantized_weight"]
@@ -119,7 +120,7 @@ class _QuantizedLinear(LoraLinear):
 
     # ---------------------------------------------------------------- merging: dequantize, add, requantize
     def delta_weight(self, adapter):
-        return adapter.scaling * (adapter.lora_B.float() @ adapter.lora_A.float())
+        return ops.lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling, torch.float32)
 
     def merged_weights(self, names):
         """The dequantized weight (fp32) with ``names`` added, and the bias, before requantizing."""
