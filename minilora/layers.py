@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from minilora import ops
 from minilora.ops import merge_dtype
-from minilora.rows import RowAdapters
+from minilora.tree import AdapterHost
 
 __all__ = ["LoraAdapter", "LoraLayer", "LoraLinear", "LoraConv1D", "LoraEmbedding", "LoraConv",
            "lora_layer_class", "unsupported_reason", "merge_dtype", "SUPPORTED_TYPES"]
@@ -94,7 +94,7 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterHost):
     """Base class: bookkeeping shared by every kind; subclasses give the kind's math.
 
     A subclass defines ``base_forward(x, bias)``, ``lora_term(adapter, x)`` (the scaled LoRA term
@@ -119,21 +119,14 @@ class LoraLayer(nn.Module):
         self.weight = base.weight
         self.register_parameter("bias", getattr(base, "bias", None))
         # The tensors now live here only: a second reference from base_layer would keep the full
-        # weight alive on every rank after FSDP shards this layer. restore_base puts them back.
+        # weight alive on every rank after FSDP shards this layer. unwrap puts them back.
         for tensor_name in ("weight", "bias"):
             if tensor_name in base._parameters:
                 base._parameters[tensor_name] = None
         self.adapters = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.merged: list[str] = []
-        self.disabled = False
+        self.merged: list[str] = []  # adapters whose deltas are in the weight, in merge order
+        # merge(keep_original=True)'s CPU copy of (weight, bias), for a bit-exact unmerge.
         self.original_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        # The weight this layer shared (tied embeddings) before merge gave it its own copy; a
-        # plain attribute, never a registered parameter (see merge._untie_shared).
-        self.untied_from: nn.Parameter | None = None
-        self.untied_flag = False  # merge also set the model's config.tie_word_embeddings to False
-        self._live: tuple[str, ...] = ()  # active and not merged: what forward has to add
-        self.row_adapters: RowAdapters | None = None  # per-row adapter names (mixed batches)
         # A new module starts in training mode; injecting into an eval model must not switch the
         # LoRA dropout on (forward checks self.training).
         self.train(base.training)
@@ -163,12 +156,13 @@ class LoraLayer(nn.Module):
                     adapter.magnitude.copy_(self.dora_direct_norm(adapter, self.weight.detach()))
         return adapter
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self.active = tuple(n for n in names if n in self.adapters)
-        self._refresh()
+    def adapter_modules(self) -> nn.ModuleDict:
+        return self.adapters
 
-    def _refresh(self) -> None:
-        self._live = tuple(n for n in self.active if n not in self.merged)
+    @property
+    def _live(self) -> tuple[str, ...]:
+        """The active adapters that are not merged: what forward has to add."""
+        return tuple(n for n in self.active if n not in self.merged)
 
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,7 +331,6 @@ class LoraLayer(nn.Module):
             if bias is not None:
                 self.bias.copy_(bias)
         self.merged.extend(names)
-        self._refresh()
 
     def unmerge(self, names: list[str] | None = None) -> None:
         names = list(self.merged) if names is None else [n for n in self.merged if n in names]
@@ -364,10 +357,9 @@ class LoraLayer(nn.Module):
                     if adapter.lora_bias is not None:
                         self.bias.copy_((self.bias - adapter.scaling * adapter.lora_bias).to(self.bias.dtype))
                 self.merged = remaining
-        self._refresh()
 
     # ------------------------------------------------------------ unload
-    def restore_base(self) -> nn.Module:
+    def unwrap(self) -> nn.Module:
         """The plain base module, holding this layer's current weight and bias."""
         base = self.base_layer
         base.weight = self.weight
@@ -403,6 +395,9 @@ class LoraLinear(LoraLayer):
 
     in_features = _from_base("in_features")
     out_features = _from_base("out_features")
+    #: whether one live adapter may run through ``ops.lora_linear`` / ``ops.dora_linear``, which
+    #: take an (out, in) plain weight: subclasses with another weight layout say False.
+    fused = True
 
     def factor_shapes(self, r):
         out_features, in_features = self.weight.shape
@@ -416,8 +411,9 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x):
         # The hot path: one live adapter goes through ops.lora_linear (Triton kernels on CUDA).
-        if len(self._live) == 1 and not self.disabled and self.row_adapters is None:
-            adapter = self.adapters[self._live[0]]
+        live = self._live
+        if self.fused and len(live) == 1 and not self.disabled and self.row_adapters is None:
+            adapter = self.adapters[live[0]]
             if adapter.magnitude is not None:
                 # DoRA without dropout, one dtype: x Wᵀ + s·x Aᵀ Bᵀ through the same path, then the
                 # column scale; otherwise peft's order of operations in dora_step.
@@ -444,6 +440,7 @@ class LoraConv1D(LoraLinear):
     in_features = _from_base("nx")  # peft's names for them
     out_features = _from_base("nf")
     transposed = True
+    fused = False  # the kernels take an (out, in) weight
 
     def factor_shapes(self, r):
         in_features, out_features = self.weight.shape
@@ -454,9 +451,6 @@ class LoraConv1D(LoraLinear):
         flat = x.reshape(-1, x.shape[-1])
         out = torch.addmm(self.bias, flat, self.weight) if bias else flat @ self.weight
         return out.view(*x.shape[:-1], self.weight.shape[-1])
-
-    def forward(self, x):
-        return LoraLayer.forward(self, x)
 
     def delta_weight(self, adapter):
         return super().delta_weight(adapter).T  # fan_in_fan_out: stored transposed

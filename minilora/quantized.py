@@ -61,6 +61,7 @@ class _QuantizedLinear(LoraLinear):
 
     supports_dora = False  # peft dequantizes the whole weight every step for it; not built here
     round_branch_first = True  # peft casts the branch to the output dtype before adding it
+    fused = False  # the kernels never see a quantized base
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
@@ -87,9 +88,6 @@ class _QuantizedLinear(LoraLinear):
     def base_forward(self, x, bias=True):
         self._relink()
         return self.base_layer(x)
-
-    def forward(self, x):
-        return LoraLayer.forward(self, x)  # no fused path: the kernels never see a quantized base
 
     # ---------------------------------------------------------------- state dict through the base
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -153,7 +151,6 @@ class _QuantizedLinear(LoraLinear):
             with torch.no_grad():
                 self.bias.copy_(bias)
         self.merged.extend(names)
-        self._refresh()
 
     def unmerge(self, names=None):
         names = list(self.merged) if names is None else [n for n in self.merged if n in names]
@@ -181,7 +178,6 @@ class _QuantizedLinear(LoraLinear):
                         self.bias.copy_((self.bias - adapter.scaling * adapter.lora_bias).to(self.bias.dtype))
             self._set_weight(wanted, what=f"unmerging {names}")
             self.merged = remaining
-        self._refresh()
 
     def _set_weight(self, wanted: torch.Tensor, what: str) -> None:
         """Quantize ``wanted`` (fp32, (out, in)) into a new parameter of the base's format, and warn
@@ -197,7 +193,7 @@ class _QuantizedLinear(LoraLinear):
                       f"{scale:.3g}. For exact weights merge into the unquantized checkpoint instead: minilora merge "
                       "BASE_CHECKPOINT ADAPTER OUT", stacklevel=4)
 
-    def restore_base(self):
+    def unwrap(self):
         self._relink()
         return self.base_layer
 
@@ -214,11 +210,6 @@ class LoraLinear4bit(_QuantizedLinear):
     """LoRA on ``bitsandbytes.nn.Linear4bit`` (nf4 or fp4, with or without double quantization)."""
 
     quant_name = "4-bit"
-
-    def forward(self, x):
-        # peft clones the 4-bit output before adding to it (bitsandbytes may return a view that
-        # autograd cannot modify in place); the sum below is out of place, so no clone is needed.
-        return LoraLayer.forward(self, x)
 
     @staticmethod
     def _quantize(data: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
