@@ -61,8 +61,7 @@ def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> nn.Modu
     Raises:
         ValueError: an unknown or empty name list; two active adapters with their own copy of the
             same modules_to_save module (only one copy can run, as in peft); merged adapters
-            (their deltas sit in the weights whichever adapter is active: unmerge first; peft
-            unmerges silently).
+            (their deltas sit in the weights whichever adapter is active: unmerge first).
     """
     state = _state(model, "set_adapter")
     names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
@@ -100,7 +99,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
     A LoRA layer (or modules_to_save wrapper) left with no adapter is replaced by the plain base
     module, so deleting every adapter gives back the model's original module tree and state-dict
-    keys (peft keeps empty LoRA layers in place). If the deleted adapter was active, the other
+    keys. If the deleted adapter was active, the other
     active ones stay; if none is left, the first remaining adapter becomes active (as peft).
 
     Raises:
@@ -199,11 +198,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
       source rank); ``svd_clamp`` clamps the factors at that quantile, as peft.
 
     With one source adapter, peft always uses "linear"; so does this. The new adapter has
-    r = lora_alpha = its rank (scaling 1, also with rsLoRA: peft keeps use_rslora and so scales
-    the combination by sqrt(r)), factors zero-padded to that rank, and targets exactly the
-    layers it was built on. A lora_bias combines exactly (Σ w_i s_i b_i; peft drops it). Each
-    modules_to_save module gets a copy of the one source adapter that trained it (peft gives a
-    fresh copy of the original module).
+    r = lora_alpha = its rank (scaling 1, also with rsLoRA), factors zero-padded to that rank,
+    and targets exactly the layers it was built on. A lora_bias combines exactly
+    (Σ w_i s_i b_i). Each modules_to_save module gets a copy of the one source adapter that
+    trained it.
 
     Raises:
         ValueError: unknown adapters, an existing or invalid ``adapter_name`` (as inject: empty,
@@ -211,7 +209,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             unknown combination_type, unequal ranks for "linear", two sources with their own copy
             of the same modules_to_save module (as peft), a grouped conv (its B cannot hold
             concatenated ranks), mixed list/regex targets, DoRA adapters (no defined combined
-            magnitude; peft silently gives a fresh one).
+            magnitude).
     """
     state = _state(model, "add_weighted_adapter")
     adapters = [adapters] if isinstance(adapters, str) else list(adapters)
@@ -219,10 +217,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     _check_request(model, state, adapters, weights, adapter_name, combination_type)
     combination_type = "linear" if len(adapters) == 1 else combination_type
     configs = [state.configs[a] for a in adapters]
-    _check_sources(adapters, configs)
     rank = _new_rank(configs, combination_type, svd_rank)
-    if len({isinstance(c.target_modules, str) for c in configs}) > 1:
-        raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
 
     # Plan: read everything, raise before changing anything.
     layers = [(name, layer) for name, layer in lora_layers(model) if any(a in layer.adapters for a in adapters)]
@@ -251,7 +246,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
 
 def _check_request(model: nn.Module, state, adapters: list[str], weights: list, adapter_name: str,
                    combination_type: str) -> None:
-    """add_weighted_adapter's arguments, checked in the order its errors are documented."""
+    """add_weighted_adapter's arguments and source configs, checked before any layer is read."""
     if not adapters:
         raise ValueError("add_weighted_adapter: give at least one source adapter")
     _check_known(state, adapters, "add_weighted_adapter")
@@ -267,9 +262,9 @@ def _check_request(model: nn.Module, state, adapters: list[str], weights: list, 
     if combination_type not in COMBINATIONS:
         raise ValueError(f"add_weighted_adapter: combination_type={combination_type!r} is not supported; "
                          f"choose one of {sorted(COMBINATIONS)}")
-
-
-def _check_sources(adapters: list[str], configs: list[LoraConfig]) -> None:
+    configs = [state.configs[a] for a in adapters]
+    if len({isinstance(c.target_modules, str) for c in configs}) > 1:
+        raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
     dora = [a for a, c in zip(adapters, configs) if c.use_dora]
     if dora:
         # A combination given fresh magnitudes would be unrelated to the sources' trained ones.
@@ -325,9 +320,8 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     """Inside the block, batch row i runs with adapter ``names[i]`` (``"__base__"``: none).
 
     Every row gets what that adapter alone would give (mixed-batch serving), DoRA adapters
-    included (peft refuses them in mixed batches). modules_to_save
-    modules run each adapter's copy on its rows and the original module on the others (also
-    for an adapter without a copy; peft raises KeyError there). The model's state comes back on
+    included. modules_to_save modules run each adapter's copy on its rows and the original
+    module on the others (also for an adapter without a copy). The model's state comes back on
     exit, also when the block raises.
 
     Raises:

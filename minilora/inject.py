@@ -237,8 +237,9 @@ def _check_decomposable(name: str, module: nn.Module, cls: type[LoraLayer], r: i
         raise ValueError(f"init_lora_weights={init!r} takes r={r} principal directions of {name!r}, whose weight "
                          f"{shape} has only {min(shape)}; use a smaller r (or rank_pattern) for it")
     if isinstance(module, LoraLayer) and module.merged:
-        # peft decomposes the merged weight; with merge(keep_original=True) a later unmerge would
-        # then restore the kept original and drop the residual. Refused rather than half right.
+        # Decomposing the merged weight mixes the merged adapters in, and with
+        # merge(keep_original=True) a later unmerge would restore the kept original and drop the
+        # residual. Refused rather than half right.
         raise ValueError(f"init_lora_weights={init!r} on {name!r}, whose weight has adapters {module.merged} merged "
                          "into it: the decomposition would mix them in; call minilora.unmerge(model) first")
 
@@ -328,6 +329,22 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
     for note in plan.warnings:
         warnings.warn(note, stacklevel=2)
 
+    _apply(model, plan, config, adapter_name)
+    state = lora_state(model)
+    if state is None:
+        state = LoraState()
+        model.minilora_state = state
+    state.configs[adapter_name] = config
+    if not state.active:
+        state.active = (adapter_name,)
+    set_active(model, state.active)
+    update_trainable(model)
+    _require_input_grads(model, state)
+    return model
+
+
+def _apply(model: nn.Module, plan: _Plan, config: LoraConfig, adapter_name: str) -> None:
+    """Build the planned LoRA layers and modules_to_save copies and swap them in, in one walk."""
     swaps: dict[int, nn.Module] = {}
     for target in plan.targets:
         module = model.get_submodule(target.name)
@@ -349,18 +366,6 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
         shared = copies[group[0]].weight
         for name in group[1:]:
             copies[name].weight = shared
-
-    state = lora_state(model)
-    if state is None:
-        state = LoraState()
-        model.minilora_state = state
-    state.configs[adapter_name] = config
-    if not state.active:
-        state.active = (adapter_name,)
-    set_active(model, state.active)
-    update_trainable(model)
-    _require_input_grads(model, state)
-    return model
 
 
 def _require_input_grads(model: nn.Module, state: LoraState) -> None:

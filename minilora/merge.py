@@ -78,7 +78,7 @@ def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
         safe: check every merged weight for non-finite values first; on any, raise naming the
             layer and leave all weights untouched.
         keep_original: keep a CPU copy of each original weight so ``unmerge`` restores it
-            bit-exactly (peft's unmerge subtracts the delta and, in bf16, changes ~41% of elements).
+            bit-exactly (subtracting the rounded delta, in bf16, changes ~41% of the elements).
         adapter_names: which adapters (default: the active ones).
 
     Merging an adapter twice changes nothing. Returns the model.
