@@ -19,26 +19,13 @@ import torch
 import torch.nn as nn
 
 from minilora.config import LoraConfig
-from minilora.inject import BASE_ADAPTER, adapter_name_problem, lora_layers, lora_state, unload, update_trainable
+from minilora.inject import BASE_ADAPTER, adapter_name_problem, lora_layers, require_state, unload, update_trainable
 from minilora.layers import LoraConv, LoraLayer
 from minilora.modules_to_save import ModulesToSave
 from minilora.rows import RowAdapters
 from minilora.tree import hosts, set_active, swap, walk
 
 __all__ = ["set_adapter", "delete_adapter", "add_weighted_adapter", "per_sample_adapters", "COMBINATIONS"]
-
-
-def _state(model: nn.Module, what: str):
-    state = lora_state(model)
-    if state is None or not state.configs:
-        raise ValueError(f"{what}: this model has no minilora adapters; call minilora.inject(model, ...) first")
-    return state
-
-
-def _check_known(state, names: Sequence[str], what: str) -> None:
-    unknown = [n for n in names if n not in state.configs]
-    if unknown:
-        raise ValueError(f"{what}: unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
 
 
 def _merged_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
@@ -63,12 +50,11 @@ def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> nn.Modu
             same modules_to_save module (only one copy can run, as in peft); merged adapters
             (their deltas sit in the weights whichever adapter is active: unmerge first).
     """
-    state = _state(model, "set_adapter")
     names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+    state = require_state(model, "set_adapter", names)
     if not names:
         raise ValueError("set_adapter: give at least one adapter name (to run the base model, use "
                          "minilora.disable_adapters(model))")
-    _check_known(state, names, "set_adapter")
     merged = _merged_layers(model)
     if merged:
         raise ValueError(f"set_adapter: adapters {merged[0][1]} are merged into {merged[0][0]!r}; "
@@ -105,8 +91,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     Raises:
         ValueError: unknown adapter, or the adapter is merged into the weights (unmerge first).
     """
-    state = _state(model, "delete_adapter")
-    _check_known(state, [name], "delete_adapter")
+    state = require_state(model, "delete_adapter", [name])
     merged = [layer_name for layer_name, names in _merged_layers(model) if name in names]
     if merged:
         raise ValueError(f"delete_adapter: adapter {name!r} is merged into {merged[0]!r} (and {len(merged) - 1} "
@@ -211,8 +196,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             concatenated ranks), mixed list/regex targets, DoRA adapters (no defined combined
             magnitude).
     """
-    state = _state(model, "add_weighted_adapter")
     adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+    state = require_state(model, "add_weighted_adapter", adapters)
     weights = [weights] if isinstance(weights, (int, float)) else list(weights)
     _check_request(model, state, adapters, weights, adapter_name, combination_type)
     combination_type = "linear" if len(adapters) == 1 else combination_type
@@ -249,7 +234,6 @@ def _check_request(model: nn.Module, state, adapters: list[str], weights: list, 
     """add_weighted_adapter's arguments and source configs, checked before any layer is read."""
     if not adapters:
         raise ValueError("add_weighted_adapter: give at least one source adapter")
-    _check_known(state, adapters, "add_weighted_adapter")
     if len(set(adapters)) != len(adapters):
         raise ValueError(f"add_weighted_adapter: adapters {adapters} name one adapter twice")
     if len(weights) != len(adapters) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
@@ -329,11 +313,10 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
             model in training mode (dropout and gradients per row are not supported); on a
             forward call, a batch whose size is not ``len(names)``.
     """
-    state = _state(model, "per_sample_adapters")
     names = [names] if isinstance(names, str) else list(names)
+    require_state(model, "per_sample_adapters", [n for n in names if n != BASE_ADAPTER])
     if not names:
         raise ValueError("per_sample_adapters: give one adapter name per batch row")
-    _check_known(state, [n for n in names if n != BASE_ADAPTER], "per_sample_adapters")
     merged = _merged_layers(model)
     if merged:
         raise ValueError(f"per_sample_adapters: adapters {merged[0][1]} are merged into {merged[0][0]!r}, so "

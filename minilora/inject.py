@@ -10,7 +10,7 @@ import dataclasses
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch.nn as nn
 
@@ -24,7 +24,8 @@ from minilora.patterns import time_budget
 from minilora.tree import hosts, input_requires_grad, set_active, swap, walk
 
 __all__ = ["inject", "find_targets", "adapted_modules", "lora_layers", "trainable_parameters",
-           "print_trainable_parameters", "unload", "LoraState", "Untied", "lora_state", "update_trainable",
+           "print_trainable_parameters", "unload", "LoraState", "Untied", "lora_state", "require_state",
+           "update_trainable",
            "adapter_name_problem", "BASE_ADAPTER"]
 
 BASE_ADAPTER = "__base__"  # the reserved name for "no adapter" in mixed batches
@@ -51,6 +52,18 @@ class LoraState:
 
 def lora_state(model: nn.Module) -> LoraState | None:
     return getattr(model, "minilora_state", None)
+
+
+def require_state(model: nn.Module, what: str, names: Sequence[str] = ()) -> LoraState:
+    """The model's adapter state, ``names`` checked against it. ``what`` (the caller) starts the
+    ValueError for a model without adapters or an unknown adapter name."""
+    state = lora_state(model)
+    if state is None or not state.configs:
+        raise ValueError(f"{what}: this model has no minilora adapters; call minilora.inject(model, ...) first")
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ValueError(f"{what}: unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
+    return state
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -124,7 +137,12 @@ def adapter_name_problem(model: nn.Module, name: object) -> str | None:
 def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
     """What inject would do; raises on any problem. The adapter name is checked by the caller
     (``adapter_name_problem``): a dry run (find_targets) has none."""
-    _check_bias_mode(lora_state(model), config, adapter_name)
+    state = lora_state(model)
+    if state and config.bias != "none":
+        others = [n for n, c in state.configs.items() if c.bias != "none"]
+        if others:
+            raise ValueError(f"bias={config.bias!r} for adapter {adapter_name!r}, but adapter {others[0]!r} already "
+                             "trains biases; only one adapter may use a bias mode other than 'none' (as in peft)")
     modules = list(walk(model))
     names = [n for n, _ in modules if n]
     notes: list[str] = []
@@ -143,14 +161,6 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
     lora_names = {t.name for t in chosen} | {n for n, m in modules if isinstance(m, LoraLayer)}
     ties = _tied_groups(modules, save, lora_names)
     return _Plan(chosen, [n for group in ties for n in group if n not in save] + save, ties, notes)
-
-
-def _check_bias_mode(state: LoraState | None, config: LoraConfig, adapter_name: str) -> None:
-    if state and config.bias != "none":
-        others = [n for n, c in state.configs.items() if c.bias != "none"]
-        if others:
-            raise ValueError(f"bias={config.bias!r} for adapter {adapter_name!r}, but adapter {others[0]!r} already "
-                             "trains biases; only one adapter may use a bias mode other than 'none' (as in peft)")
 
 
 def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, matching: LoraConfig,

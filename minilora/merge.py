@@ -9,26 +9,18 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from minilora.inject import Untied, lora_layers, lora_state, unload
+from minilora.inject import Untied, lora_layers, lora_state, require_state, unload
 from minilora.layers import LoraLayer
 from minilora.tree import hosts, walk
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "disable_adapters"]
 
 
-def _require_injected(model: nn.Module, what: str) -> None:
-    if lora_state(model) is None:
-        raise ValueError(f"{what}: this model has no minilora adapters; call minilora.inject(model, ...) first")
-
-
-def _names(model: nn.Module, adapter_names: Sequence[str] | str | None) -> list[str]:
-    state = lora_state(model)
+def _names(model: nn.Module, adapter_names: Sequence[str] | str | None, what: str) -> list[str]:
     if adapter_names is None:
-        return list(state.active)
+        return list(require_state(model, what).active)
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    unknown = [n for n in names if n not in state.configs]
-    if unknown:
-        raise ValueError(f"unknown adapters {unknown}; this model has {sorted(state.configs)}")
+    require_state(model, what, names)
     return names
 
 
@@ -83,8 +75,7 @@ def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
 
     Merging an adapter twice changes nothing. Returns the model.
     """
-    _require_injected(model, "merge")
-    names = _names(model, adapter_names)
+    names = _names(model, adapter_names, "merge")
     layers = list(lora_layers(model))
     for name, layer in layers:
         todo = [n for n in names if n in layer.adapters and n not in layer.merged]
@@ -113,8 +104,8 @@ def unmerge(model: nn.Module, adapter_names: Sequence[str] | str | None = None) 
     Exact when they were merged with ``keep_original=True``; otherwise W - delta, as peft.
     Without merged adapters this is a no-op.
     """
-    _require_injected(model, "unmerge")
-    names = None if adapter_names is None else _names(model, adapter_names)
+    require_state(model, "unmerge")
+    names = None if adapter_names is None else _names(model, adapter_names, "unmerge")
     for _, layer in lora_layers(model):
         layer.unmerge(names)
     _retie(model)
@@ -138,7 +129,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         ValueError: if adapters are merged (their deltas are in the weights; unmerge first).
     """
-    _require_injected(model, "disable_adapters")
+    require_state(model, "disable_adapters")
     modules = [host for _, host in hosts(model)]
     merged = [n for n, layer in lora_layers(model) if layer.merged]
     if merged:

@@ -45,9 +45,7 @@ class ModulesToSave(AdapterHost):
     @property
     def current(self) -> nn.Module:
         """The module forward runs now."""
-        if self.disabled or not self.active:
-            return self.original_module
-        return self.modules_to_save[self.active[0]]
+        return self.original_module if self.disabled else self.unwrap()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.row_adapters is not None and not self.disabled:

@@ -250,7 +250,7 @@ def test_merge_on_a_model_without_adapters_is_refused():
     model = build("mlp")
     with pytest.raises(ValueError, match=r"merge: this model has no minilora adapters; call minilora\.inject"):
         minilora.merge(model)
-    with pytest.raises(ValueError, match=r"unknown adapters \['nope'\]; this model has \['default'\]"):
+    with pytest.raises(ValueError, match=r"merge: unknown adapter\(s\) \['nope'\]; this model has \['default'\]"):
         minilora.merge(minilora.inject(model, targets=["lin0"]), adapter_names="nope")
 
 
