@@ -19,26 +19,13 @@ import torch
 import torch.nn as nn
 
 from minilora.config import LoraConfig
-from minilora.inject import (BASE_ADAPTER, _swap, _unload, _walk, adapter_name_problem, lora_layers, lora_state,
-                             update_trainable)
-from minilora.layers import LoraAdapter, LoraConv, LoraLayer
+from minilora.inject import BASE_ADAPTER, adapter_name_problem, lora_layers, require_state, unload, update_trainable
+from minilora.layers import LoraConv, LoraLayer
 from minilora.modules_to_save import ModulesToSave
 from minilora.rows import RowAdapters
+from minilora.tree import hosts, set_active, swap, walk
 
 __all__ = ["set_adapter", "delete_adapter", "add_weighted_adapter", "per_sample_adapters", "COMBINATIONS"]
-
-
-def _state(model: nn.Module, what: str):
-    state = lora_state(model)
-    if state is None or not state.configs:
-        raise ValueError(f"{what}: this model has no minilora adapters; call minilora.inject(model, ...) first")
-    return state
-
-
-def _check_known(state, names: Sequence[str], what: str) -> None:
-    unknown = [n for n in names if n not in state.configs]
-    if unknown:
-        raise ValueError(f"{what}: unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
 
 
 def _merged_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
@@ -46,9 +33,7 @@ def _merged_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 
 def _apply_active(model: nn.Module, active: tuple[str, ...]) -> None:
-    for _, module in _walk(model):
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            module.set_active(active)
+    set_active(model, active)
     update_trainable(model)
 
 
@@ -63,15 +48,13 @@ def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> nn.Modu
     Raises:
         ValueError: an unknown or empty name list; two active adapters with their own copy of the
             same modules_to_save module (only one copy can run, as in peft); merged adapters
-            (their deltas sit in the weights whichever adapter is active: unmerge first; peft
-            unmerges silently).
+            (their deltas sit in the weights whichever adapter is active: unmerge first).
     """
-    state = _state(model, "set_adapter")
     names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+    state = require_state(model, "set_adapter", names)
     if not names:
         raise ValueError("set_adapter: give at least one adapter name (to run the base model, use "
                          "minilora.disable_adapters(model))")
-    _check_known(state, names, "set_adapter")
     merged = _merged_layers(model)
     if merged:
         raise ValueError(f"set_adapter: adapters {merged[0][1]} are merged into {merged[0][0]!r}; "
@@ -86,7 +69,7 @@ def _copy_owners(model: nn.Module, names, caller: str, why: str) -> list[tuple[M
     """(wrapper, adapter) for each modules_to_save wrapper that one of ``names`` has a copy in;
     raises when two of them have a copy of the same module."""
     found = []
-    for name, wrapper in _walk(model):
+    for name, wrapper in walk(model):
         if isinstance(wrapper, ModulesToSave):
             owners = [a for a in names if a in wrapper.modules_to_save]
             if len(owners) > 1:
@@ -102,32 +85,27 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
     A LoRA layer (or modules_to_save wrapper) left with no adapter is replaced by the plain base
     module, so deleting every adapter gives back the model's original module tree and state-dict
-    keys (peft keeps empty LoRA layers in place). If the deleted adapter was active, the other
+    keys. If the deleted adapter was active, the other
     active ones stay; if none is left, the first remaining adapter becomes active (as peft).
 
     Raises:
         ValueError: unknown adapter, or the adapter is merged into the weights (unmerge first).
     """
-    state = _state(model, "delete_adapter")
-    _check_known(state, [name], "delete_adapter")
+    state = require_state(model, "delete_adapter", [name])
     merged = [layer_name for layer_name, names in _merged_layers(model) if name in names]
     if merged:
         raise ValueError(f"delete_adapter: adapter {name!r} is merged into {merged[0]!r} (and {len(merged) - 1} "
                          f"other layers); call minilora.unmerge(model, {name!r}) first")
     swaps: dict[int, nn.Module] = {}
-    for _, module in list(_walk(model)):
-        if isinstance(module, LoraLayer) and name in module.adapters:
-            del module.adapters[name]
-            if not module.adapters:
-                swaps[id(module)] = module.restore_base()
-        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
-            del module.modules_to_save[name]
-            if not module.modules_to_save:
-                swaps[id(module)] = module.original_module
-    _swap(model, swaps)
+    for _, host in list(hosts(model)):
+        if name in host.adapter_modules():
+            host.delete_adapter(name)
+            if not host.adapter_modules():
+                swaps[id(host)] = host.unwrap()
+    swap(model, swaps)
     del state.configs[name]
     if not state.configs:
-        _unload(model)  # nothing left to put back; drops the minilora state (and its hooks)
+        unload(model)  # nothing left to put back; drops the minilora state (and its hooks)
         update_trainable(model)
         return model
     active = tuple(n for n in state.active if n != name) or (next(iter(state.configs)),)
@@ -137,11 +115,6 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 
 # ---------------------------------------------------------------- combining
-def _factors_2d(layer: LoraLayer, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B (out, r), A (r, in)) as matrices; a conv's A is flattened to (r, in * prod(kernel))."""
-    return adapter.lora_B.flatten(1), adapter.lora_A.flatten(1)
-
-
 def _combine_cat(sources, weights, rank):
     # Exact: B' A' = sum_i B_i (w_i s_i A_i); ranks concatenate, zero rows/cols pad to `rank`.
     B = torch.cat([b for b, _, _ in sources], dim=1)
@@ -210,11 +183,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
       source rank); ``svd_clamp`` clamps the factors at that quantile, as peft.
 
     With one source adapter, peft always uses "linear"; so does this. The new adapter has
-    r = lora_alpha = its rank (scaling 1, also with rsLoRA: peft keeps use_rslora and so scales
-    the combination by sqrt(r)), factors zero-padded to that rank, and targets exactly the
-    layers it was built on. A lora_bias combines exactly (Σ w_i s_i b_i; peft drops it). Each
-    modules_to_save module gets a copy of the one source adapter that trained it (peft gives a
-    fresh copy of the original module).
+    r = lora_alpha = its rank (scaling 1, also with rsLoRA), factors zero-padded to that rank,
+    and targets exactly the layers it was built on. A lora_bias combines exactly
+    (Σ w_i s_i b_i). Each modules_to_save module gets a copy of the one source adapter that
+    trained it.
 
     Raises:
         ValueError: unknown adapters, an existing or invalid ``adapter_name`` (as inject: empty,
@@ -222,14 +194,46 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             unknown combination_type, unequal ranks for "linear", two sources with their own copy
             of the same modules_to_save module (as peft), a grouped conv (its B cannot hold
             concatenated ranks), mixed list/regex targets, DoRA adapters (no defined combined
-            magnitude; peft silently gives a fresh one).
+            magnitude).
     """
-    state = _state(model, "add_weighted_adapter")
     adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+    state = require_state(model, "add_weighted_adapter", adapters)
     weights = [weights] if isinstance(weights, (int, float)) else list(weights)
+    _check_request(model, state, adapters, weights, adapter_name, combination_type)
+    combination_type = "linear" if len(adapters) == 1 else combination_type
+    configs = [state.configs[a] for a in adapters]
+    rank = _new_rank(configs, combination_type, svd_rank)
+
+    # Plan: read everything, raise before changing anything.
+    layers = [(name, layer) for name, layer in lora_layers(model) if any(a in layer.adapters for a in adapters)]
+    for name, layer in layers:
+        if isinstance(layer, LoraConv) and layer.base_layer.groups > 1:
+            raise ValueError(f"add_weighted_adapter: {name!r} is a grouped conv (groups={layer.base_layer.groups}); "
+                             "its B factor cannot hold a combined rank")
+    wrappers = _copy_owners(model, adapters, "add_weighted_adapter", "which cannot be combined (as in peft)")
+    extra = {"clamp": svd_clamp} if combination_type == "svd" else {}
+    with torch.no_grad():
+        results = [(layer, *_combine_layer(layer, adapters, weights, COMBINATIONS[combination_type], rank, extra))
+                   for _, layer in layers]
+
+    # Apply.
+    config = _combined_config(configs, rank, [name for name, _ in layers],
+                              lora_bias=any(bias is not None for *_, bias in results))
+    for layer, B, A, bias in results:
+        _add_combined(layer, adapter_name, config, B, A, bias)
+    memo: dict[int, object] = {}  # one memo: tied copies (embed_tokens / lm_head) stay tied
+    for wrapper, owner in wrappers:
+        wrapper.modules_to_save[adapter_name] = copy.deepcopy(wrapper.modules_to_save[owner], memo)
+    state.configs[adapter_name] = config
+    _apply_active(model, state.active)
+    return model
+
+
+def _check_request(model: nn.Module, state, adapters: list[str], weights: list, adapter_name: str,
+                   combination_type: str) -> None:
+    """add_weighted_adapter's arguments and source configs, checked before any layer is read."""
     if not adapters:
         raise ValueError("add_weighted_adapter: give at least one source adapter")
-    _check_known(state, adapters, "add_weighted_adapter")
     if len(set(adapters)) != len(adapters):
         raise ValueError(f"add_weighted_adapter: adapters {adapters} name one adapter twice")
     if len(weights) != len(adapters) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
@@ -242,65 +246,49 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if combination_type not in COMBINATIONS:
         raise ValueError(f"add_weighted_adapter: combination_type={combination_type!r} is not supported; "
                          f"choose one of {sorted(COMBINATIONS)}")
-    combination_type = "linear" if len(adapters) == 1 else combination_type
     configs = [state.configs[a] for a in adapters]
+    if len({isinstance(c.target_modules, str) for c in configs}) > 1:
+        raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
     dora = [a for a, c in zip(adapters, configs) if c.use_dora]
     if dora:
-        # peft accepts them and gives the combination the magnitude of its freshly initialised
-        # factors, unrelated to the sources' trained ones: refuse instead of a silent other model.
+        # A combination given fresh magnitudes would be unrelated to the sources' trained ones.
         raise ValueError(f"add_weighted_adapter: {dora} use DoRA; their magnitude vectors are normalised against "
                          "each adapter's own W + sBA, so a weighted combination has no defined magnitude. "
                          "Combine plain LoRA adapters, or merge the DoRA adapters in turn (minilora.merge)")
-    rank = _new_rank(configs, combination_type, svd_rank)
-    if len({isinstance(c.target_modules, str) for c in configs}) > 1:
-        raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
 
-    # ---- plan: read everything, raise before changing anything
-    layers = [(name, layer) for name, layer in lora_layers(model) if any(a in layer.adapters for a in adapters)]
-    for name, layer in layers:
-        if isinstance(layer, LoraConv) and layer.base_layer.groups > 1:
-            raise ValueError(f"add_weighted_adapter: {name!r} is a grouped conv (groups={layer.base_layer.groups}); "
-                             "its B factor cannot hold a combined rank")
-    wrappers = _copy_owners(model, adapters, "add_weighted_adapter", "which cannot be combined (as in peft)")
-    combine = COMBINATIONS[combination_type]
-    extra = {"clamp": svd_clamp} if combination_type == "svd" else {}
-    results = []
-    with torch.no_grad():
-        for name, layer in layers:
-            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
-            sources = [(*_factors_2d(layer, layer.adapters[a]), layer.adapters[a].scaling) for a, _ in present]
-            dtype = torch.promote_types(sources[0][0].dtype, torch.float32)
-            sources = [(b.to(dtype), a.to(dtype), s) for b, a, s in sources]
-            B, A = combine(sources, [w for _, w in present], rank, **extra)
-            biases = [(layer.adapters[a].lora_bias, w * layer.adapters[a].scaling) for a, w in present
-                      if layer.adapters[a].lora_bias is not None]
-            bias = sum(c * b.to(dtype) for b, c in biases) if biases else None
-            results.append((name, layer, B, A, bias))
 
-    # ---- apply
-    first = configs[0]
-    targets = [name for name, _ in layers]
+def _combine_layer(layer: LoraLayer, adapters: list[str], weights: list[float], combine, rank: int,
+                   extra: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One layer's combined (B (out, rank'), A (rank', in...), lora_bias or None), in fp32 or wider.
+    A source absent from the layer contributes nothing; conv factors are combined as matrices."""
+    present = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
+    dtype = torch.promote_types(present[0][0].lora_B.dtype, torch.float32)
+    sources = [(ad.lora_B.flatten(1).to(dtype), ad.lora_A.flatten(1).to(dtype), ad.scaling) for ad, _ in present]
+    B, A = combine(sources, [w for _, w in present], rank, **extra)
+    biases = [w * ad.scaling * ad.lora_bias.to(dtype) for ad, w in present if ad.lora_bias is not None]
+    return B, A, sum(biases) if biases else None
+
+
+def _combined_config(configs: list[LoraConfig], rank: int, targets: list[str], lora_bias: bool) -> LoraConfig:
+    """The new adapter's config: the first source's, with scaling 1 at ``rank`` on exactly ``targets``."""
     saves = sorted({m for c in configs for m in (c.modules_to_save or [])})
-    config = first.replace(r=rank, lora_alpha=rank, target_modules=targets, exclude_modules=None,
-                           layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
-                           use_rslora=False, bias="none", lora_bias=any(b is not None for *_, b in results),
-                           modules_to_save=saves or None)
-    for name, layer, B, A, bias in results:
-        adapter = layer.add_adapter(adapter_name, r=rank, alpha=rank, scaling=1.0, dropout=config.lora_dropout,
-                                    lora_bias=bias is not None, init=False)
-        with torch.no_grad():
-            adapter.lora_A.zero_()
-            adapter.lora_B.zero_()
-            adapter.lora_A.flatten(1)[: A.shape[0]].copy_(A)
-            adapter.lora_B.flatten(1)[:, : B.shape[1]].copy_(B)
-            if bias is not None:
-                adapter.lora_bias.copy_(bias)
-    memo: dict[int, object] = {}  # one memo: tied copies (embed_tokens / lm_head) stay tied
-    for wrapper, owner in wrappers:
-        wrapper.modules_to_save[adapter_name] = copy.deepcopy(wrapper.modules_to_save[owner], memo)
-    state.configs[adapter_name] = config
-    _apply_active(model, state.active)
-    return model
+    return configs[0].replace(r=rank, lora_alpha=rank, target_modules=targets, exclude_modules=None,
+                              layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
+                              use_rslora=False, bias="none", lora_bias=lora_bias, modules_to_save=saves or None)
+
+
+def _add_combined(layer: LoraLayer, name: str, config: LoraConfig, B: torch.Tensor, A: torch.Tensor,
+                  bias: torch.Tensor | None) -> None:
+    """Add adapter ``name`` holding B, A (zero-padded to the config's rank) and the bias."""
+    adapter = layer.add_adapter(name, r=config.r, alpha=config.r, scaling=1.0, dropout=config.lora_dropout,
+                                lora_bias=bias is not None, init=False)
+    with torch.no_grad():
+        adapter.lora_A.zero_()
+        adapter.lora_B.zero_()
+        adapter.lora_A.flatten(1)[: A.shape[0]].copy_(A)
+        adapter.lora_B.flatten(1)[:, : B.shape[1]].copy_(B)
+        if bias is not None:
+            adapter.lora_bias.copy_(bias)
 
 
 # ---------------------------------------------------------------- one adapter per row
@@ -316,9 +304,8 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     """Inside the block, batch row i runs with adapter ``names[i]`` (``"__base__"``: none).
 
     Every row gets what that adapter alone would give (mixed-batch serving), DoRA adapters
-    included (peft refuses them in mixed batches). modules_to_save
-    modules run each adapter's copy on its rows and the original module on the others (also
-    for an adapter without a copy; peft raises KeyError there). The model's state comes back on
+    included. modules_to_save modules run each adapter's copy on its rows and the original
+    module on the others (also for an adapter without a copy). The model's state comes back on
     exit, also when the block raises.
 
     Raises:
@@ -326,11 +313,10 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
             model in training mode (dropout and gradients per row are not supported); on a
             forward call, a batch whose size is not ``len(names)``.
     """
-    state = _state(model, "per_sample_adapters")
     names = [names] if isinstance(names, str) else list(names)
+    require_state(model, "per_sample_adapters", [n for n in names if n != BASE_ADAPTER])
     if not names:
         raise ValueError("per_sample_adapters: give one adapter name per batch row")
-    _check_known(state, [n for n in names if n != BASE_ADAPTER], "per_sample_adapters")
     merged = _merged_layers(model)
     if merged:
         raise ValueError(f"per_sample_adapters: adapters {merged[0][1]} are merged into {merged[0][0]!r}, so "
@@ -348,7 +334,7 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
             raise ValueError(f"per_sample_adapters got {len(names)} adapter names but the model input is {found}; "
                              "give exactly one name per row")
 
-    modules = [m for _, m in _walk(model) if isinstance(m, (LoraLayer, ModulesToSave))]
+    modules = [host for _, host in hosts(model)]
     before = [m.row_adapters for m in modules]
     handle = model.register_forward_pre_hook(check_batch, with_kwargs=True)
     try:

@@ -33,10 +33,11 @@ import torch.nn as nn
 
 from minilora import atomic
 from minilora.config import LoraConfig
-from minilora.inject import _walk, inject, lora_layers, lora_state
+from minilora.inject import inject, lora_layers, lora_state
 from minilora.layers import LoraEmbedding, LoraLayer
 from minilora.modules_to_save import ModulesToSave
 from minilora.patterns import PatternError, time_budget
+from minilora.tree import walk
 from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME,
                                   AdapterFileError, check_digest, check_tensor, config_digest, read_config_file,
                                   read_header, read_tensor, safetensors_bytes)
@@ -55,7 +56,7 @@ def _peft_names(model: nn.Module) -> dict[str, tuple[str, str | None]]:
     files hold such keys.
     """
     names: dict[str, tuple[str, str | None]] = {}
-    for name, module in _walk(model):
+    for name, module in walk(model):
         if isinstance(module, LoraLayer):
             suffixes = FACTOR_KEYS[isinstance(module, LoraEmbedding)]
             for key in module.state_dict(keep_vars=True):
@@ -118,7 +119,7 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, str]:
     # Tied copies (input and output embeddings sharing one trained weight) are written under each
     # module's key, as peft does with ensure_weight_tying; a reader that does not tie still gets
     # the same weight in both places. Loading accepts any one of them (see _check_tensors).
-    for name, wrapper in _walk(model):
+    for name, wrapper in walk(model):
         if isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.modules_to_save:
             for key in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True):
                 slots[f"{name}.{key}"] = f"{name}.modules_to_save.{adapter_name}.{key}"

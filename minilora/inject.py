@@ -10,9 +10,8 @@ import dataclasses
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-import torch
 import torch.nn as nn
 
 from minilora.config import LoraConfig
@@ -22,13 +21,23 @@ from minilora.matching import (closest_names, is_target, matches_name,
                                unmatched_targets)
 from minilora.modules_to_save import ModulesToSave
 from minilora.patterns import time_budget
+from minilora.tree import hosts, input_requires_grad, set_active, swap, walk
 
 __all__ = ["inject", "find_targets", "adapted_modules", "lora_layers", "trainable_parameters",
-           "print_trainable_parameters", "unload", "LoraState", "lora_state", "update_trainable",
+           "print_trainable_parameters", "unload", "LoraState", "Untied", "lora_state", "require_state",
+           "update_trainable",
            "adapter_name_problem", "BASE_ADAPTER"]
 
 BASE_ADAPTER = "__base__"  # the reserved name for "no adapter" in mixed batches
 _SEQ_CLS_HEADS = ("classifier", "score")
+
+
+@dataclass
+class Untied:
+    """A LoRA layer's weight that merge untied from a module sharing it (tied embeddings)."""
+
+    shared: nn.Parameter  # the weight the layer shared before merge gave it its own copy
+    config_flag: bool  # merge also set the model's config.tie_word_embeddings to False
 
 
 @dataclass
@@ -38,57 +47,28 @@ class LoraState:
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: tuple[str, ...] = ()
     input_grad_hook: Any = None  # handle of the hook from _require_input_grads, removed by unload
+    untied: dict[str, Untied] = field(default_factory=dict)  # by LoRA layer name; see merge.merge
 
 
 def lora_state(model: nn.Module) -> LoraState | None:
     return getattr(model, "minilora_state", None)
 
 
-# ---------------------------------------------------------------- walking the model
-def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) over the model, not descending into LoRA layers or ModulesToSave wrappers
-    (their internals are not the user's modules). A module registered at several paths (one
-    object, e.g. an embedding shared by encoder and decoder) comes once, at its first path, as
-    in ``named_modules()``; ``_swap`` keeps every path pointing at the same object."""
-    stack, seen = [("", model)], set()
-    while stack:
-        name, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield name, module
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            continue
-        children = [(f"{name}.{n}" if name else n, m) for n, m in module._modules.items() if m is not None]
-        stack.extend(reversed(children))
+def require_state(model: nn.Module, what: str, names: Sequence[str] = ()) -> LoraState:
+    """The model's adapter state, ``names`` checked against it. ``what`` (the caller) starts the
+    ValueError for a model without adapters or an unknown adapter name."""
+    state = lora_state(model)
+    if state is None or not state.configs:
+        raise ValueError(f"{what}: this model has no minilora adapters; call minilora.inject(model, ...) first")
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ValueError(f"{what}: unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
+    return state
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """(name, layer) for every LoRA layer in the model."""
-    return ((n, m) for n, m in _walk(model) if isinstance(m, LoraLayer))
-
-
-def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    return ((n, m) for n, m in _walk(model) if isinstance(m, ModulesToSave))
-
-
-def _swap(model: nn.Module, swaps: dict[int, nn.Module]) -> None:
-    """Put ``swaps[id(old)]`` wherever ``old`` is registered, at every path, in one walk: a module
-    registered twice stays one object (replacing it at its first path only would leave the other
-    path on the bare module, which is what peft does)."""
-    stack, seen = [model], set()
-    while stack:
-        parent = stack.pop()
-        if id(parent) in seen:
-            continue
-        seen.add(id(parent))
-        for child_name, child in parent._modules.items():
-            if child is None:
-                continue
-            if id(child) in swaps:
-                setattr(parent, child_name, swaps[id(child)])
-            elif not isinstance(child, (LoraLayer, ModulesToSave)):
-                stack.append(child)
+    return ((n, m) for n, m in walk(model) if isinstance(m, LoraLayer))
 
 
 def _base_type(module: nn.Module) -> nn.Module:
@@ -163,11 +143,9 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
         if others:
             raise ValueError(f"bias={config.bias!r} for adapter {adapter_name!r}, but adapter {others[0]!r} already "
                              "trains biases; only one adapter may use a bias mode other than 'none' (as in peft)")
-    modules = list(_walk(model))
+    modules = list(walk(model))
     names = [n for n, _ in modules if n]
     notes: list[str] = []
-    rewritten: list[tuple[str, list[str]]] = []  # (layer, its adapters) whose base weight pissa/olora rewrites
-
     targets = config.target_modules
     if targets is None:
         raise ValueError("LoraConfig.target_modules is None: name the modules to adapt, e.g. "
@@ -176,8 +154,21 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
         targets = _expand_all_linear(model, modules)
     save_names = _modules_to_save(config, names)
     matching = config if save_names == (config.modules_to_save or []) else config.replace(modules_to_save=save_names)
+    chosen = _choose_targets(modules, config, matching, targets, notes)
+    _check_matched(modules, names, config, chosen, notes)
+    save = _plan_modules_to_save(modules, names, save_names, config, chosen, notes)
+    # LoRA layers of earlier adapters count too: wrapping one would hide it inside the copy.
+    lora_names = {t.name for t in chosen} | {n for n, m in modules if isinstance(m, LoraLayer)}
+    ties = _tied_groups(modules, save, lora_names)
+    return _Plan(chosen, [n for group in ties for n in group if n not in save] + save, ties, notes)
 
+
+def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, matching: LoraConfig,
+                    targets: list[str] | str, notes: list[str]) -> list[_Target]:
+    """The modules ``matching`` selects, each checked against its LoRA class; notes get the
+    warnings inject will give."""
     chosen: list[_Target] = []
+    rewritten: list[tuple[str, list[str]]] = []  # (layer, its adapters) whose base weight pissa/olora rewrites
     for name, module in modules:
         if not name or not is_target(name, matching, targets):
             continue
@@ -213,6 +204,19 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
                          f"({type(base).__name__}); using fan_in_fan_out={fan_hint} for it")
         chosen.append(_Target(name, cls, r, alpha))
 
+    if rewritten:
+        others = sorted({a for _, adapters in rewritten for a in adapters})
+        more = f" (and {len(rewritten) - 1} other layers)" if len(rewritten) > 1 else ""
+        notes.append(f"init_lora_weights={config.init_lora_weights!r} replaces the weight of {rewritten[0][0]!r}{more} "
+                     f"by its residual, and adapters {others} already there now add their deltas to that residual "
+                     "(as in peft): their outputs change. Give the PiSSA/OLoRA adapter a model of its own if that "
+                     "is not wanted")
+    return chosen
+
+
+def _check_matched(modules: list[tuple[str, nn.Module]], names: list[str], config: LoraConfig,
+                   chosen: list[_Target], notes: list[str]) -> None:
+    """Raise when nothing was chosen; note list entries that matched nothing."""
     if isinstance(config.target_modules, list):
         missing = unmatched_targets(names, config.target_modules)
         if missing and not chosen:
@@ -227,19 +231,6 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
         raise ValueError(f"target_modules={what} selects no module that LoRA can adapt (after exclude_modules, "
                          f"modules_to_save and layers_to_transform); adaptable modules include {linear}")
 
-    if rewritten:
-        others = sorted({a for _, adapters in rewritten for a in adapters})
-        more = f" (and {len(rewritten) - 1} other layers)" if len(rewritten) > 1 else ""
-        notes.append(f"init_lora_weights={config.init_lora_weights!r} replaces the weight of {rewritten[0][0]!r}{more} "
-                     f"by its residual, and adapters {others} already there now add their deltas to that residual "
-                     "(as in peft): their outputs change. Give the PiSSA/OLoRA adapter a model of its own if that "
-                     "is not wanted")
-    save = _plan_modules_to_save(modules, names, save_names, config, chosen, notes)
-    # LoRA layers of earlier adapters count too: wrapping one would hide it inside the copy.
-    lora_names = {t.name for t in chosen} | {n for n, m in modules if isinstance(m, LoraLayer)}
-    ties = _tied_groups(modules, save, lora_names)
-    return _Plan(chosen, [n for group in ties for n in group if n not in save] + save, ties, notes)
-
 
 def _check_decomposable(name: str, module: nn.Module, cls: type[LoraLayer], r: int, init: str) -> None:
     """Refuse pissa / olora where they cannot run. ``module`` is the plain module or, when an
@@ -253,8 +244,9 @@ def _check_decomposable(name: str, module: nn.Module, cls: type[LoraLayer], r: i
         raise ValueError(f"init_lora_weights={init!r} takes r={r} principal directions of {name!r}, whose weight "
                          f"{shape} has only {min(shape)}; use a smaller r (or rank_pattern) for it")
     if isinstance(module, LoraLayer) and module.merged:
-        # peft decomposes the merged weight; with merge(keep_original=True) a later unmerge would
-        # then restore the kept original and drop the residual. Refused rather than half right.
+        # Decomposing the merged weight mixes the merged adapters in, and with
+        # merge(keep_original=True) a later unmerge would restore the kept original and drop the
+        # residual. Refused rather than half right.
         raise ValueError(f"init_lora_weights={init!r} on {name!r}, whose weight has adapters {module.merged} merged "
                          "into it: the decomposition would mix them in; call minilora.unmerge(model) first")
 
@@ -344,6 +336,22 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
     for note in plan.warnings:
         warnings.warn(note, stacklevel=2)
 
+    _apply(model, plan, config, adapter_name)
+    state = lora_state(model)
+    if state is None:
+        state = LoraState()
+        model.minilora_state = state
+    state.configs[adapter_name] = config
+    if not state.active:
+        state.active = (adapter_name,)
+    set_active(model, state.active)
+    update_trainable(model)
+    _require_input_grads(model, state)
+    return model
+
+
+def _apply(model: nn.Module, plan: _Plan, config: LoraConfig, adapter_name: str) -> None:
+    """Build the planned LoRA layers and modules_to_save copies and swap them in, in one walk."""
     swaps: dict[int, nn.Module] = {}
     for target in plan.targets:
         module = model.get_submodule(target.name)
@@ -360,37 +368,11 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
         copies[name] = wrapper.add_copy(adapter_name)
         if wrapper is not module:
             swaps[id(module)] = wrapper
-    _swap(model, swaps)
+    swap(model, swaps)
     for group in plan.ties:
         shared = copies[group[0]].weight
         for name in group[1:]:
             copies[name].weight = shared
-
-    state = lora_state(model)
-    if state is None:
-        state = LoraState()
-        model.minilora_state = state
-    state.configs[adapter_name] = config
-    if not state.active:
-        state.active = (adapter_name,)
-    for _, module in _walk(model):
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            module.set_active(state.active)
-    update_trainable(model)
-    _require_input_grads(model, state)
-    return model
-
-
-def _input_requires_grad(module: nn.Module, args: Any, output: Any) -> None:
-    # Reentrant checkpointing (torch.utils.checkpoint(use_reentrant=True)) only backpropagates
-    # into a block whose input requires grad; a frozen embedding's output does not, so the
-    # adapters inside every checkpointed block would silently get no gradient (peft #137).
-    # Under torch.compile it steps aside: requires_grad_ on an intermediate breaks the graph, and
-    # dynamo traces checkpointed blocks without needing the input to require grad.
-    if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) \
-            and output.is_floating_point() and not output.requires_grad \
-            and not torch.compiler.is_compiling():
-        output.requires_grad_(True)
 
 
 def _require_input_grads(model: nn.Module, state: LoraState) -> None:
@@ -406,7 +388,7 @@ def _require_input_grads(model: nn.Module, state: LoraState) -> None:
     except NotImplementedError:  # transformers models without input embeddings raise it
         embedding = None
     if isinstance(embedding, nn.Module):
-        state.input_grad_hook = embedding.register_forward_hook(_input_requires_grad)
+        state.input_grad_hook = embedding.register_forward_hook(input_requires_grad)
 
 
 def update_trainable(model: nn.Module) -> None:
@@ -419,13 +401,9 @@ def update_trainable(model: nn.Module) -> None:
     active = [state.configs[n] for n in state.active]
     if any(c.inference_mode for c in active):
         return
-    for _, module in _walk(model):
-        if isinstance(module, LoraLayer):
-            for name in module.active:
-                module.adapters[name].requires_grad_(True)
-        elif isinstance(module, ModulesToSave):
-            for name in module.active:
-                module.modules_to_save[name].requires_grad_(True)
+    for _, host in hosts(model):
+        for name in host.active:
+            host.adapter_modules()[name].requires_grad_(True)
     modes = {c.bias for c in active}
     if "all" in modes:
         for name, p in model.named_parameters():
@@ -474,19 +452,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging: plain base layers back, each modules_to_save wrapper
     replaced by its active trained copy (as peft). Returns the model (same object)."""
-    return _unload(model)
-
-
-def _unload(model: nn.Module) -> nn.Module:
-    swaps: dict[int, nn.Module] = {}
-    for name, module in list(_walk(model)):
-        if not name:
-            continue
-        if isinstance(module, LoraLayer):
-            swaps[id(module)] = module.restore_base()
-        elif isinstance(module, ModulesToSave):
-            swaps[id(module)] = module.modules_to_save[module.active[0]] if module.active else module.original_module
-    _swap(model, swaps)
+    swap(model, {id(host): host.unwrap() for name, host in list(hosts(model)) if name})
     state = lora_state(model)
     if state is not None:
         if state.input_grad_hook is not None:

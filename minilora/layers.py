@@ -13,10 +13,11 @@ weight and are skipped. A DoRA adapter (``use_dora=True``) also holds a trainabl
 value per output, and rescales the running output (see :meth:`LoraLayer.dora_step`)::
 
     model.layers.0.q_proj.adapters.default.magnitude  (out,)  [ConvNd: (1, out, 1, ...)]
- The original base module is kept (unregistered) only for its
-hyper-parameters and to be put back by ``unload``. Those hyper-parameters read through the LoRA
-layer under the base's names (``q_proj.out_features``, ``emb.padding_idx``, ``conv.kernel_size``;
-also peft's ``in_features`` / ``out_features`` on every kind), read-only.
+
+The original base module is kept (unregistered) only for its hyper-parameters and to be put back
+by ``unload``. Those hyper-parameters read through the LoRA layer under the base's names
+(``q_proj.out_features``, ``emb.padding_idx``, ``conv.kernel_size``; also peft's ``in_features`` /
+``out_features`` on every kind), read-only.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from minilora import ops
 from minilora.ops import merge_dtype
-from minilora.rows import RowAdapters
+from minilora.tree import AdapterHost
 
 __all__ = ["LoraAdapter", "LoraLayer", "LoraLinear", "LoraConv1D", "LoraEmbedding", "LoraConv",
            "lora_layer_class", "unsupported_reason", "merge_dtype", "SUPPORTED_TYPES"]
@@ -94,8 +95,10 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class LoraLayer(nn.Module):
-    """Base class: bookkeeping shared by every kind; subclasses give the kind's math.
+class LoraLayer(AdapterHost):
+    """Base class: the adapters, the merge state and the merge, shared by every kind;
+    subclasses give the kind's math. Switching, disabling and per-row adapters come from
+    :class:`~minilora.tree.AdapterHost`.
 
     A subclass defines ``base_forward(x, bias)``, ``lora_term(adapter, x)`` (the scaled LoRA term
     in the adapter dtype, for an input already cast and dropped out), ``delta_weight(adapter)``
@@ -119,21 +122,14 @@ class LoraLayer(nn.Module):
         self.weight = base.weight
         self.register_parameter("bias", getattr(base, "bias", None))
         # The tensors now live here only: a second reference from base_layer would keep the full
-        # weight alive on every rank after FSDP shards this layer. restore_base puts them back.
+        # weight alive on every rank after FSDP shards this layer. unwrap puts them back.
         for tensor_name in ("weight", "bias"):
             if tensor_name in base._parameters:
                 base._parameters[tensor_name] = None
         self.adapters = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.merged: list[str] = []
-        self.disabled = False
+        self.merged: list[str] = []  # adapters whose deltas are in the weight, in merge order
+        # merge(keep_original=True)'s CPU copy of (weight, bias), for a bit-exact unmerge.
         self.original_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        # The weight this layer shared (tied embeddings) before merge gave it its own copy; a
-        # plain attribute, never a registered parameter (see merge._untie_shared).
-        self.untied_from: nn.Parameter | None = None
-        self.untied_flag = False  # merge also set the model's config.tie_word_embeddings to False
-        self._live: tuple[str, ...] = ()  # active and not merged: what forward has to add
-        self.row_adapters: RowAdapters | None = None  # per-row adapter names (mixed batches)
         # A new module starts in training mode; injecting into an eval model must not switch the
         # LoRA dropout on (forward checks self.training).
         self.train(base.training)
@@ -163,12 +159,13 @@ class LoraLayer(nn.Module):
                     adapter.magnitude.copy_(self.dora_direct_norm(adapter, self.weight.detach()))
         return adapter
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self.active = tuple(n for n in names if n in self.adapters)
-        self._refresh()
+    def adapter_modules(self) -> nn.ModuleDict:
+        return self.adapters
 
-    def _refresh(self) -> None:
-        self._live = tuple(n for n in self.active if n not in self.merged)
+    @property
+    def _live(self) -> tuple[str, ...]:
+        """The active adapters that are not merged: what forward has to add."""
+        return tuple(n for n in self.active if n not in self.merged)
 
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,8 +230,8 @@ class LoraLayer(nn.Module):
 
         Without dropout (or in eval) x' = x and base = y - bias, so the result is
         bias + g ⊙ (y - bias + s·B A x): DoRA's (m / ‖W + sBA‖) ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + bias for a
-        lone adapter. With dropout in training, as in peft, x' = dropout(x) and base is x' Wᵀ
-        (computed in the weight's dtype, without the (out, in) cast of W peft makes).
+        lone adapter. With dropout in training, as in peft, x' = dropout(x) and base is x' Wᵀ,
+        computed in the weight's dtype.
         """
         g = adapter.magnitude / self.dora_norm(adapter)
         x = x.to(adapter.lora_A.dtype)
@@ -284,14 +281,14 @@ class LoraLayer(nn.Module):
         problem = self.merge_problem(names)
         if problem:
             raise ValueError(f"cannot merge: {problem}")
-        weight, bias = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        weight, bias = self._dense_weight(), None if self.bias is None else self.bias.detach()
         unmerged = None  # the weight without merged adapters, for DoRA's norms (as forward sees it)
         for name in names:
             adapter = self.adapters[name]
             delta = self.delta_weight(adapter).to(weight.device)
             if adapter.magnitude is None:
                 # W (bf16) + delta (fp32) computes in fp32 and rounds once: peft's in-place add does the same.
-                weight = (weight + delta).to(self.weight.dtype)
+                weight = (weight + delta).to(weight.dtype)
             else:
                 # (m / ‖W0 + ΔW‖) ⊙ (W + ΔW) with W0 the unmerged weight, in merge_dtype, rounded once.
                 unmerged = self.unmerged_weight() if unmerged is None else unmerged
@@ -318,8 +315,8 @@ class LoraLayer(nn.Module):
     def _take_out(self, weight: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
         delta = self.delta_weight(adapter).to(weight.device)
         if adapter.magnitude is not None:
-            return (weight / adapter.merged_scale - delta).to(self.weight.dtype)
-        return (weight - delta).to(self.weight.dtype)
+            return (weight / adapter.merged_scale - delta).to(weight.dtype)
+        return (weight - delta).to(weight.dtype)
 
     def merge(self, names: list[str], keep_original: bool = False) -> None:
         names = [n for n in names if n not in self.merged]
@@ -329,45 +326,58 @@ class LoraLayer(nn.Module):
         if problem:
             raise ValueError(f"cannot merge: {problem}")
         if keep_original and self.original_weights is None:
-            self.original_weights = (self.weight.detach().to("cpu", copy=True),
-                                     None if self.bias is None else self.bias.detach().to("cpu", copy=True))
+            self._keep_original()
         weight, bias = self.merged_weights(names)
-        with torch.no_grad():
-            self.weight.copy_(weight)
-            if bias is not None:
-                self.bias.copy_(bias)
+        self._write(weight, bias, f"merging {names}")
         self.merged.extend(names)
-        self._refresh()
 
     def unmerge(self, names: list[str] | None = None) -> None:
         names = list(self.merged) if names is None else [n for n in self.merged if n in names]
         if not names:
             return
         remaining = [n for n in self.merged if n not in names]
-        with torch.no_grad():
-            if self.original_weights is not None:
-                # Exact: rebuild from the kept original instead of subtracting rounded deltas.
-                weight, bias = self.original_weights
-                self.weight.copy_(weight)
-                if bias is not None:
-                    self.bias.copy_(bias)
-                self.merged = []
-                if remaining:
-                    self.merge(remaining)
-                else:
-                    self.original_weights = None
+        if self.original_weights is not None:
+            # Exact: rebuild from the kept original instead of subtracting rounded deltas.
+            self._restore_original()
+            self.merged = []
+            if remaining:
+                self.merge(remaining)
             else:
-                for name in reversed(names):  # LIFO, as peft
-                    adapter = self.adapters[name]
-                    self.weight.copy_(self._take_out(self.weight, adapter))
-                    adapter.merged_scale = None
-                    if adapter.lora_bias is not None:
-                        self.bias.copy_((self.bias - adapter.scaling * adapter.lora_bias).to(self.bias.dtype))
-                self.merged = remaining
-        self._refresh()
+                self.original_weights = None
+            return
+        weight, bias = self._dense_weight(), None if self.bias is None else self.bias.detach()
+        with torch.no_grad():
+            for name in reversed(names):  # LIFO, as peft
+                adapter = self.adapters[name]
+                weight = self._take_out(weight, adapter)
+                adapter.merged_scale = None
+                if adapter.lora_bias is not None:
+                    bias = (bias - adapter.scaling * adapter.lora_bias).to(self.bias.dtype)
+        self._write(weight, bias, f"unmerging {names}")
+        self.merged = remaining
+
+    # The storage of the weight, which the quantized layers replace.
+    def _dense_weight(self) -> torch.Tensor:
+        """The weight as the dense tensor merges compute with: here, the stored weight itself."""
+        return self.weight.detach()
+
+    def _write(self, weight: torch.Tensor, bias: torch.Tensor | None, what: str) -> None:
+        """Store a merged or unmerged weight and bias (``what`` names the operation)."""
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+
+    def _keep_original(self) -> None:
+        self.original_weights = (self.weight.detach().to("cpu", copy=True),
+                                 None if self.bias is None else self.bias.detach().to("cpu", copy=True))
+
+    def _restore_original(self) -> None:
+        weight, bias = self.original_weights
+        self._write(weight, bias, "restoring the original weight")
 
     # ------------------------------------------------------------ unload
-    def restore_base(self) -> nn.Module:
+    def unwrap(self) -> nn.Module:
         """The plain base module, holding this layer's current weight and bias."""
         base = self.base_layer
         base.weight = self.weight
@@ -403,6 +413,9 @@ class LoraLinear(LoraLayer):
 
     in_features = _from_base("in_features")
     out_features = _from_base("out_features")
+    #: whether one live adapter may run through ``ops.lora_linear`` / ``ops.dora_linear``, which
+    #: take an (out, in) plain weight: subclasses with another weight layout say False.
+    fused = True
 
     def factor_shapes(self, r):
         out_features, in_features = self.weight.shape
@@ -416,8 +429,9 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x):
         # The hot path: one live adapter goes through ops.lora_linear (Triton kernels on CUDA).
-        if len(self._live) == 1 and not self.disabled and self.row_adapters is None:
-            adapter = self.adapters[self._live[0]]
+        live = self._live
+        if self.fused and len(live) == 1 and not self.disabled and self.row_adapters is None:
+            adapter = self.adapters[live[0]]
             if adapter.magnitude is not None:
                 # DoRA without dropout, one dtype: x Wᵀ + s·x Aᵀ Bᵀ through the same path, then the
                 # column scale; otherwise peft's order of operations in dora_step.
@@ -444,6 +458,7 @@ class LoraConv1D(LoraLinear):
     in_features = _from_base("nx")  # peft's names for them
     out_features = _from_base("nf")
     transposed = True
+    fused = False  # the kernels take an (out, in) weight
 
     def factor_shapes(self, r):
         in_features, out_features = self.weight.shape
@@ -454,9 +469,6 @@ class LoraConv1D(LoraLinear):
         flat = x.reshape(-1, x.shape[-1])
         out = torch.addmm(self.bias, flat, self.weight) if bias else flat @ self.weight
         return out.view(*x.shape[:-1], self.weight.shape[-1])
-
-    def forward(self, x):
-        return LoraLayer.forward(self, x)
 
 
 class LoraEmbedding(LoraLayer):
@@ -509,7 +521,7 @@ class LoraEmbedding(LoraLayer):
 
 class LoraConv(LoraLayer):
     """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel, stride, padding, dilation
-    and padding mode (peft drops dilation and padding_mode and crashes); B is a 1x.. conv with the
+    and padding mode; B is a 1x.. conv with the
     base's groups. Weight (out, in // groups, *kernel)."""
 
     in_channels = _from_base("in_channels")
@@ -622,42 +634,39 @@ def _init_random(layer: LoraLayer, adapter: LoraAdapter) -> None:
 
 
 def _base_matrix(layer: LoraLayer, scheme: str) -> torch.Tensor:
+    """The base weight as an (out, in) fp32 matrix (a Conv1D's stored (in, out) weight transposed)."""
     if not isinstance(layer, LoraLinear):
         raise ValueError(f"init_lora_weights={scheme!r} needs a linear layer; this one wraps "
                          f"{type(layer.base_layer).__name__}")
-    return layer.weight.detach().float()
+    weight = layer.weight.detach().float()
+    return weight.T if layer.transposed else weight
 
 
 def _init_pissa(layer: LoraLayer, adapter: LoraAdapter) -> None:
     # Principal singular directions go into the adapter; the base keeps the residual.
     weight = _base_matrix(layer, "pissa")
-    weight = weight.T if isinstance(layer, LoraConv1D) else weight  # (out, in)
     U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
     root = torch.sqrt(S[: adapter.r] / adapter.scaling)
-    A, B = root[:, None] * Vh[: adapter.r], U[:, : adapter.r] * root
-    _set_factors_and_residual(layer, adapter, A, B, weight, transpose=isinstance(layer, LoraConv1D))
+    _set_factors_and_residual(layer, adapter, root[:, None] * Vh[: adapter.r], U[:, : adapter.r] * root, weight)
 
 
 def _init_olora(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    # Orthonormal Q columns as B, R rows as A, from the (out, in) matrix. peft factors a Conv1D's
-    # stored (in, out) weight as is: shapes that crash in forward, or (square) a wrong residual.
+    # Orthonormal Q columns as B, R rows as A.
     weight = _base_matrix(layer, "olora")
-    transpose = isinstance(layer, LoraConv1D)
-    weight = weight.T if transpose else weight  # (out, in)
     Q, R = torch.linalg.qr(weight)
     A, B = R[: adapter.r], Q[:, : adapter.r]
     if A.shape != adapter.lora_A.shape or B.shape != adapter.lora_B.shape:
         raise ValueError(f"init_lora_weights='olora' cannot initialise a {type(layer.base_layer).__name__} "
                          f"of weight shape {tuple(layer.weight.shape)} with r={adapter.r}")
-    _set_factors_and_residual(layer, adapter, A, B, weight, transpose=transpose)
+    _set_factors_and_residual(layer, adapter, A, B, weight)
 
 
-def _set_factors_and_residual(layer, adapter, A, B, weight, transpose):
+def _set_factors_and_residual(layer, adapter, A, B, weight):
     with torch.no_grad():
         adapter.lora_A.copy_(A)
         adapter.lora_B.copy_(B)
         residual = weight - adapter.scaling * B @ A
-        layer.weight.copy_(residual.T if transpose else residual)
+        layer.weight.copy_(residual.T if layer.transposed else residual)
 
 
 _INIT: dict[bool | str, Callable[[LoraLayer, LoraAdapter], None]] = {

@@ -9,46 +9,40 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from minilora.inject import _unload, _walk, lora_layers, lora_state
+from minilora.inject import Untied, lora_layers, lora_state, require_state, unload
 from minilora.layers import LoraLayer
-from minilora.modules_to_save import ModulesToSave
+from minilora.tree import hosts, walk
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "disable_adapters"]
 
 
-def _require_injected(model: nn.Module, what: str) -> None:
-    if lora_state(model) is None:
-        raise ValueError(f"{what}: this model has no minilora adapters; call minilora.inject(model, ...) first")
-
-
-def _names(model: nn.Module, adapter_names: Sequence[str] | str | None) -> list[str]:
-    state = lora_state(model)
+def _names(model: nn.Module, adapter_names: Sequence[str] | str | None, what: str) -> list[str]:
     if adapter_names is None:
-        return list(state.active)
+        return list(require_state(model, what).active)
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    unknown = [n for n in names if n not in state.configs]
-    if unknown:
-        raise ValueError(f"unknown adapters {unknown}; this model has {sorted(state.configs)}")
+    require_state(model, what, names)
     return names
 
 
 def _untie_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
     # A LoRA layer whose weight is also another module's (tied embeddings) must not merge into
-    # the shared tensor: that would change the other module too. Give it its own copy.
+    # the shared tensor: that would change the other module too. Give it its own copy, and
+    # remember the shared one in the model's state (a plain reference: registering it on the
+    # layer would add a stray key to every state dict).
     owners: dict[int, int] = {}
-    for _, module in _walk(model):
+    for _, module in walk(model):
         for p in module._parameters.values():
             if p is not None:
                 owners[id(p)] = owners.get(id(p), 0) + 1
+    state = lora_state(model)
     for name, layer in layers:
         if owners.get(id(layer.weight), 0) > 1:
-            # object.__setattr__: through nn.Module's it would register the other module's weight
-            # as a parameter of this layer (a stray "untied_from" key in every state dict).
-            object.__setattr__(layer, "untied_from", layer.weight)
+            config = getattr(model, "config", None)
+            flag = bool(getattr(config, "tie_word_embeddings", False))
+            state.untied[name] = Untied(layer.weight, flag)
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-            if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-                model.config.tie_word_embeddings = False
-                layer.untied_flag = True  # the config said tied: say so again once re-tied
+            if flag:  # the config said tied: say so again once re-tied
+                config.tie_word_embeddings = False
             warnings.warn(f"{name!r} shared its weight with another module (tied embeddings); it was untied "
                           "before merging so the other module keeps its weight (unmerge ties it again when "
                           "the weight comes back exactly, e.g. after merge(keep_original=True))", stacklevel=3)
@@ -56,12 +50,16 @@ def _untie_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None
 
 def _retie(model: nn.Module) -> None:
     # Undo _untie_shared where unmerge brought the weight back to the shared one's exact values.
-    for _, layer in lora_layers(model):
-        shared = layer.untied_from
-        if shared is not None and not layer.merged and torch.equal(layer.weight, shared):
-            layer.weight, layer.untied_from = shared, None
-            if layer.untied_flag:
-                model.config.tie_word_embeddings, layer.untied_flag = True, False
+    state = lora_state(model)
+    for name, untied in list(state.untied.items()):
+        layer = model.get_submodule(name)
+        if not isinstance(layer, LoraLayer):  # deleted since: nothing to tie again
+            del state.untied[name]
+        elif not layer.merged and torch.equal(layer.weight, untied.shared):
+            layer.weight = untied.shared
+            del state.untied[name]
+            if untied.config_flag:
+                model.config.tie_word_embeddings = True
 
 
 def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
@@ -72,13 +70,12 @@ def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
         safe: check every merged weight for non-finite values first; on any, raise naming the
             layer and leave all weights untouched.
         keep_original: keep a CPU copy of each original weight so ``unmerge`` restores it
-            bit-exactly (peft's unmerge subtracts the delta and, in bf16, changes ~41% of elements).
+            bit-exactly (subtracting the rounded delta, in bf16, changes ~41% of the elements).
         adapter_names: which adapters (default: the active ones).
 
     Merging an adapter twice changes nothing. Returns the model.
     """
-    _require_injected(model, "merge")
-    names = _names(model, adapter_names)
+    names = _names(model, adapter_names, "merge")
     layers = list(lora_layers(model))
     for name, layer in layers:
         todo = [n for n in names if n in layer.adapters and n not in layer.merged]
@@ -107,8 +104,8 @@ def unmerge(model: nn.Module, adapter_names: Sequence[str] | str | None = None) 
     Exact when they were merged with ``keep_original=True``; otherwise W - delta, as peft.
     Without merged adapters this is a no-op.
     """
-    _require_injected(model, "unmerge")
-    names = None if adapter_names is None else _names(model, adapter_names)
+    require_state(model, "unmerge")
+    names = None if adapter_names is None else _names(model, adapter_names, "unmerge")
     for _, layer in lora_layers(model):
         layer.unmerge(names)
     _retie(model)
@@ -120,7 +117,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False,
     """Merge, then put plain base layers back (modules_to_save: the trained copy). The result is
     an ordinary model with no minilora inside; the same object is returned."""
     merge(model, safe=safe, adapter_names=adapter_names)
-    return _unload(model)
+    return unload(model)
 
 
 @contextlib.contextmanager
@@ -132,8 +129,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         ValueError: if adapters are merged (their deltas are in the weights; unmerge first).
     """
-    _require_injected(model, "disable_adapters")
-    modules = [m for _, m in _walk(model) if isinstance(m, (LoraLayer, ModulesToSave))]
+    require_state(model, "disable_adapters")
+    modules = [host for _, host in hosts(model)]
     merged = [n for n, layer in lora_layers(model) if layer.merged]
     if merged:
         raise ValueError(f"cannot disable adapters while they are merged (e.g. in {merged[0]!r}); "

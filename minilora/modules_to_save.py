@@ -8,12 +8,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from minilora.rows import RowAdapters
+from minilora.tree import AdapterHost
 
 __all__ = ["ModulesToSave"]
 
 
-class ModulesToSave(nn.Module):
+class ModulesToSave(AdapterHost):
     """Holds the original module (frozen) and one trainable copy per adapter.
 
     State-dict keys follow peft's wrapper (``<name>.original_module.*`` and
@@ -27,9 +27,6 @@ class ModulesToSave(nn.Module):
         self.original_module = original
         self.original_module.requires_grad_(False)
         self.modules_to_save = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.disabled = False
-        self.row_adapters: RowAdapters | None = None  # per-row adapter names (mixed batches)
         self.train(original.training)  # keep the model's train/eval mode
 
     def add_copy(self, name: str) -> nn.Module:
@@ -38,15 +35,17 @@ class ModulesToSave(nn.Module):
         self.modules_to_save[name] = trained
         return trained
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self.active = tuple(n for n in names if n in self.modules_to_save)
+    def adapter_modules(self) -> nn.ModuleDict:
+        return self.modules_to_save
+
+    def unwrap(self) -> nn.Module:
+        """The active adapter's trained copy (the original module when none is active)."""
+        return self.modules_to_save[self.active[0]] if self.active else self.original_module
 
     @property
     def current(self) -> nn.Module:
         """The module forward runs now."""
-        if self.disabled or not self.active:
-            return self.original_module
-        return self.modules_to_save[self.active[0]]
+        return self.original_module if self.disabled else self.unwrap()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.row_adapters is not None and not self.disabled:

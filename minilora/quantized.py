@@ -60,8 +60,9 @@ class _QuantizedLinear(LoraLinear):
     """Shared by the 4-bit and 8-bit layers: the base forward and state dict go through the base
     module; merges requantize."""
 
-    supports_dora = False  # peft dequantizes the whole weight every step for it; not built here
+    supports_dora = False  # DoRA's norm would dequantize the whole weight every step
     round_branch_first = True  # peft casts the branch to the output dtype before adding it
+    fused = False  # the kernels never see a quantized base
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
@@ -88,9 +89,6 @@ class _QuantizedLinear(LoraLinear):
     def base_forward(self, x, bias=True):
         self._relink()
         return self.base_layer(x)
-
-    def forward(self, x):
-        return LoraLayer.forward(self, x)  # no fused path: the kernels never see a quantized base
 
     # ---------------------------------------------------------------- state dict through the base
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -122,69 +120,24 @@ class _QuantizedLinear(LoraLinear):
     def delta_weight(self, adapter):
         return ops.lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling, torch.float32)
 
-    def merged_weights(self, names):
-        """The dequantized weight (fp32) with ``names`` added, and the bias, before requantizing."""
-        problem = self.merge_problem(names)
-        if problem:
-            raise ValueError(f"cannot merge: {problem}")
+    def _dense_weight(self):
+        """The dequantized weight, (out, in) in fp32: merges add to it, then requantize."""
         self._relink()
-        weight = dequantized_weight(self.base_layer)
-        bias = None if self.bias is None else self.bias.detach()
-        for name in names:
-            adapter = self.adapters[name]
-            weight = weight + self.delta_weight(adapter).to(weight.device)
-            if adapter.lora_bias is not None:
-                bias = (bias + adapter.scaling * adapter.lora_bias.detach()).to(self.bias.dtype)
-        return weight, bias
+        return dequantized_weight(self.base_layer)
 
-    def merge(self, names, keep_original=False):
-        names = [n for n in names if n not in self.merged]
-        if not names:
-            return
-        problem = self.merge_problem(names, keep_original)
-        if problem:
-            raise ValueError(f"cannot merge: {problem}")
-        if keep_original and self.original_weights is None:
-            # The packed parameter is replaced, never changed in place: keeping it is exact and free.
-            self.original_weights = (self.weight, None if self.bias is None else self.bias.detach().clone())
-            self._original_state = self._quant_state()
-        wanted, bias = self.merged_weights(names)
-        self._set_weight(wanted, what=f"merging {names}")
+    def _keep_original(self):
+        # The packed parameter is replaced, never changed in place: keeping it is exact and free.
+        self.original_weights = (self.weight, None if self.bias is None else self.bias.detach().clone())
+
+    def _restore_original(self):
+        weight, bias = self.original_weights
+        self.weight = weight
         if bias is not None:
             with torch.no_grad():
                 self.bias.copy_(bias)
-        self.merged.extend(names)
-        self._refresh()
+        self._relink()
 
-    def unmerge(self, names=None):
-        names = list(self.merged) if names is None else [n for n in self.merged if n in names]
-        if not names:
-            return
-        remaining = [n for n in self.merged if n not in names]
-        if self.original_weights is not None:
-            weight, bias = self.original_weights
-            self.weight = weight
-            if bias is not None:
-                with torch.no_grad():
-                    self.bias.copy_(bias)
-            self._relink()
-            self._set_quant_state(self._original_state)
-            self.merged, self.original_weights = [], None
-            if remaining:
-                self.merge(remaining, keep_original=True)
-        else:
-            wanted = dequantized_weight(self.base_layer)
-            for name in reversed(names):
-                adapter = self.adapters[name]
-                wanted = wanted - self.delta_weight(adapter).to(wanted.device)
-                if adapter.lora_bias is not None:
-                    with torch.no_grad():
-                        self.bias.copy_((self.bias - adapter.scaling * adapter.lora_bias).to(self.bias.dtype))
-            self._set_weight(wanted, what=f"unmerging {names}")
-            self.merged = remaining
-        self._refresh()
-
-    def _set_weight(self, wanted: torch.Tensor, what: str) -> None:
+    def _write(self, wanted: torch.Tensor, bias: torch.Tensor | None, what: str) -> None:
         """Quantize ``wanted`` (fp32, (out, in)) into a new parameter of the base's format, and warn
         with the error that rounding made on this layer."""
         old = self.weight
@@ -196,30 +149,16 @@ class _QuantizedLinear(LoraLinear):
         warnings.warn(f"{what} into a {self.quant_name} weight ({self.base_layer.out_features}x"
                       f"{self.base_layer.in_features}) requantizes it: max error {error:.3g} on weights up to "
                       f"{scale:.3g}. For exact weights merge into the unquantized checkpoint instead: minilora merge "
-                      "BASE_CHECKPOINT ADAPTER OUT", stacklevel=4)
-
-    def restore_base(self):
-        self._relink()
-        return self.base_layer
-
-    def _quant_state(self) -> object:
-        """Quantization state the base module holds apart from its weight (8-bit), to keep
-        with an original weight."""
-        return None
-
-    def _set_quant_state(self, state: object) -> None:
-        pass
+                      "BASE_CHECKPOINT ADAPTER OUT", stacklevel=5)
+        if bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(bias)
 
 
 class LoraLinear4bit(_QuantizedLinear):
     """LoRA on ``bitsandbytes.nn.Linear4bit`` (nf4 or fp4, with or without double quantization)."""
 
     quant_name = "4-bit"
-
-    def forward(self, x):
-        # peft clones the 4-bit output before adding to it (bitsandbytes may return a view that
-        # autograd cannot modify in place); the sum below is out of place, so no clone is needed.
-        return LoraLayer.forward(self, x)
 
     @staticmethod
     def _quantize(data: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -239,15 +178,20 @@ class LoraLinear8bit(_QuantizedLinear):
     def _quantize(data: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
         return bnb.nn.Int8Params(data.half(), requires_grad=False, has_fp16_weights=like.has_fp16_weights).to("cpu")
 
-    def _set_weight(self, wanted, what):
+    def _write(self, wanted, bias, what):
         # bitsandbytes moves CB/SCB from the weight into the module's state in its first forward;
         # a stale state would pair the new codes with the old scales. Cleared, the next forward
         # moves the new ones.
         self._set_quant_state((None, None))
-        super()._set_weight(wanted, what)
+        super()._write(wanted, bias, what)
 
-    def _quant_state(self):
-        return self.base_layer.state.CB, self.base_layer.state.SCB
+    def _keep_original(self):
+        super()._keep_original()  # with the scales the module's state holds apart from the weight
+        self._original_state = self.base_layer.state.CB, self.base_layer.state.SCB
+
+    def _restore_original(self):
+        super()._restore_original()
+        self._set_quant_state(self._original_state)
 
     def _set_quant_state(self, state):
         self.base_layer.state.reset_grads()

@@ -32,8 +32,9 @@ from torch.utils.hooks import RemovableHandle
 
 from minilora import atomic
 from minilora.checkpoint import gather_tensors, save_adapter
-from minilora.inject import _input_requires_grad, lora_state, update_trainable
+from minilora.inject import lora_state, update_trainable
 from minilora.peft_format import safetensors_bytes
+from minilora.tree import input_requires_grad
 
 __all__ = ["require_input_grads", "prepare_model_for_kbit_training", "save_adapter_sharded", "SaveAdapterCallback"]
 
@@ -58,7 +59,7 @@ def require_input_grads(module: nn.Module) -> RemovableHandle:
     if not isinstance(module, nn.Module):
         raise TypeError(f"require_input_grads needs an nn.Module (the model's first module, e.g. its embedding), "
                         f"got {type(module).__name__}")
-    return module.register_forward_hook(_input_requires_grad)
+    return module.register_forward_hook(input_requires_grad)
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
@@ -94,7 +95,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     if quantized and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
             embeddings = model.get_input_embeddings()
-            embeddings.register_forward_hook(_input_requires_grad)
+            embeddings.register_forward_hook(input_requires_grad)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if lora_state(model) is not None:
         update_trainable(model)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import minilora
-from minilora.inject import lora_layers
+from minilora.inject import lora_layers, lora_state
 from tiny_models import (assert_unchanged, build, copy_to_peft, example_inputs, output_of,
                          randomize_adapters, snapshot)
 
@@ -250,7 +250,7 @@ def test_merge_on_a_model_without_adapters_is_refused():
     model = build("mlp")
     with pytest.raises(ValueError, match=r"merge: this model has no minilora adapters; call minilora\.inject"):
         minilora.merge(model)
-    with pytest.raises(ValueError, match=r"unknown adapters \['nope'\]; this model has \['default'\]"):
+    with pytest.raises(ValueError, match=r"merge: unknown adapter\(s\) \['nope'\]; this model has \['default'\]"):
         minilora.merge(minilora.inject(model, targets=["lin0"]), adapter_names="nope")
 
 
@@ -309,12 +309,12 @@ def test_merge_unties_a_shared_embedding_and_exact_unmerge_ties_it_again():
         minilora.merge(model, keep_original=True)
     assert list(model.state_dict()) == keys  # no stray key for the remembered shared weight
     assert head.weight is not wte.weight and not model.config.tie_word_embeddings
-    assert "untied_from" not in dict(wte.named_parameters())
+    assert lora_state(model).untied["transformer.wte"].shared is head.weight  # remembered by the model
     assert torch.equal(head.weight, shared)  # lm_head kept its weight
     assert not torch.equal(wte.weight, shared)  # the embedding got the delta
 
     minilora.unmerge(model)
-    assert head.weight is wte.weight and model.config.tie_word_embeddings
+    assert head.weight is wte.weight and model.config.tie_word_embeddings and not lora_state(model).untied
 
     with pytest.warns(UserWarning, match="untied before merging"):
         minilora.merge(model)
@@ -333,7 +333,7 @@ def test_dry_run_clone_copies_no_real_memory():
         minilora.inject(model, targets=["wte", "c_attn"], r=4)
     with pytest.warns(UserWarning, match="untied before merging"):
         minilora.merge(model, keep_original=True)
-    assert model.transformer.wte.untied_from is not None and model.transformer.wte.original_weights is not None
+    assert lora_state(model).untied and model.transformer.wte.original_weights is not None
     clone = _meta_clone(model)
     seen = 0
     for module in clone.modules():
@@ -343,8 +343,7 @@ def test_dry_run_clone_copies_no_real_memory():
                     assert t.device.type == "meta", type(module).__name__
                     seen += 1
     assert seen > 20
-    wte = clone.transformer.wte
-    assert wte.untied_from is clone.lm_head.weight  # the tie structure survives the clone
+    assert lora_state(clone).untied["transformer.wte"].shared is clone.lm_head.weight  # the tie survives the clone
 
 
 def test_keep_original_after_a_plain_merge_is_refused_and_model_unchanged():
