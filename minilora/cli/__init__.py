@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 from collections.abc import Sequence
+
+from minilora.model_config import one_line
 
 __all__ = ["main", "CliError", "one_line"]
 
@@ -57,18 +58,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# "TypeError: " / "safetensors_rust.SafetensorError: " inside a message (libraries nest causes so).
-_CLASS_PREFIX = re.compile(r"\b(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception): ")
-
-
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line, without exception class names in it."""
-    text = str(err) or type(err).__name__
-    if isinstance(err, KeyError):  # str(KeyError('x')) is "'x'": say what it was
-        text = f"missing key {text}"
-    return _CLASS_PREFIX.sub("", " ".join(text.split()))
-
-
 def _message(err: Exception) -> str:
     if isinstance(err, OSError) and err.errno is not None and err.strerror:
         # raised by the system: "[Errno 13] Permission denied: 'x'" -> "x: Permission denied"
@@ -88,13 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.run(args) or 0)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as err:  # noqa: BLE001 -- the one place that turns errors into a message
         if args.debug:
             raise
-        print(f"minilora {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as err:  # noqa: BLE001 -- the one place that turns errors into a message
-        if args.debug:
-            raise
+        if isinstance(err, KeyboardInterrupt):
+            print(f"minilora {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(f"minilora {args.command}: error: {_message(err)} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_FAILED
