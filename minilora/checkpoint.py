@@ -95,9 +95,8 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, str]:
                 if tensor is not None:
                     key = f"{name}.adapters.{adapter_name}.{param}"
                     slots[names[key][0]] = key
-    # Tied copies (input and output embeddings sharing one trained weight) are written under each
-    # module's key, as peft does with ensure_weight_tying; a reader that does not tie still gets
-    # the same weight in both places. Loading accepts any one of them (see _check_tensors).
+    # Tied copies (embeddings sharing one trained weight) are written under each module's key, so a
+    # reader that does not tie gets the weight in both places; loading accepts any one of them.
     for name, wrapper in walk(model):
         if isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.modules_to_save:
             for key in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True):
@@ -151,8 +150,7 @@ def _config_json(model: nn.Module, config: LoraConfig) -> bytes:
     data = config.to_dict()
     data["inference_mode"] = True  # as peft: a saved adapter loads for inference unless asked otherwise
     if data["lora_bias"] and data["init_lora_weights"] not in (True, False):
-        # peft refuses lora_bias with any other init; the init no longer matters once trained
-        # values are in the file, and True is peft's default.
+        # peft refuses lora_bias with any other init, which no longer matters once trained.
         data["init_lora_weights"] = True
     if not data.get("base_model_name_or_path"):
         model_config = getattr(model, "config", None)
@@ -242,8 +240,7 @@ def _list(keys: list[str], limit: int = 5) -> str:
 def _checked_values(file_path: str, tensors: Mapping[str, _FileTensor], slots: Mapping[str, str],
                     optional: Mapping[str, str], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """File key -> its values in the dtype of the model tensor they fill, all checked."""
-    # A key may be absent when another present key names the same tensor (tied copies; peft
-    # without ensure_weight_tying writes only the output embedding).
+    # A key may be absent when another present key names the same tensor (tied copies).
     present = {id(expected[slots[k]]) for k in tensors if k in slots}
     missing = [k for k in slots if k not in tensors and id(expected[slots[k]]) not in present]
     if missing:

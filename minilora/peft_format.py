@@ -25,8 +25,7 @@ from minilora.config import LoraConfig
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX", "FACTOR_KEYS", "DIGEST_KEY",
            "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "AdapterFileError", "TensorEntry", "read_json",
            "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor", "check_tensor",
-           "check_finite", "header_bytes",
-           "tensor_bytes", "safetensors_bytes", "AdapterModule", "adapter_modules"]
+           "check_finite", "header_bytes", "tensor_bytes", "safetensors_bytes", "AdapterModule", "adapter_modules"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

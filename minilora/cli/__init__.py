@@ -1,13 +1,9 @@
 """The ``minilora`` command line: ``demo``, ``merge``, ``inspect``, ``bench``.
 
-Imports nothing heavy beyond torch at module level (the ``minilora`` package itself imports
-torch, about 1.5 s): each subcommand imports transformers / matplotlib inside its ``run``, so
-``minilora --help`` costs no more than ``import minilora``. Every failure is reported as one line on
-stderr with a non-zero exit code; ``--debug`` shows the traceback instead.
-
-Errors meant for users (``CliError``, the library's ``ValueError``s, a missing file, what the file
-system refused) are printed as they are. Anything else reaching ``main`` is a bad input that no
-check caught yet, and is printed as an internal error, so that such gaps show.
+Each subcommand imports transformers / matplotlib inside its ``run``, so ``minilora --help``
+costs no more than ``import minilora``. A failure is one line on stderr (``--debug``: the
+traceback): errors meant for users (``CliError``, ``ValueError``, ``OSError``) as they are,
+anything else as an internal error, so that a bad input no check caught yet shows.
 """
 
 from __future__ import annotations
