@@ -73,8 +73,7 @@ class MergeSummary:
 def _shard_name_ok(name: object) -> bool:
     """A shard named in an index must be a .safetensors file directly in BASE: a path with folders
     or '..' could point anywhere, and the merged shard is written under the same name."""
-    return (isinstance(name, str) and name.endswith(".safetensors") and name not in ("", ".", "..")
-            and not any(c in name for c in "/\\\0"))
+    return isinstance(name, str) and name.endswith(".safetensors") and not any(c in name for c in "/\\\0")
 
 
 def _checkpoint(base: Path) -> tuple[dict[str, TensorEntry], dict[str, dict[str, str]], dict | None]:
@@ -105,8 +104,7 @@ def _checkpoint(base: Path) -> tuple[dict[str, TensorEntry], dict[str, dict[str,
             if path.exists():  # a folder or a pipe where the weights should be
                 raise ValueError(f"{path} is not a regular file; BASE must hold the checkpoint's weights as "
                                  f"{SINGLE_FILE} or as shards named in {INDEX_FILE}")
-        found = sorted(p.name for p in base.iterdir()) if base.is_dir() else []
-        pickled = [n for n in found if n.endswith(_STALE_WEIGHTS)]
+        pickled = sorted(p.name for p in base.iterdir() if p.name.endswith(_STALE_WEIGHTS))
         hint = (f"; it has {pickled}, which minilora never unpickles: re-save the model with "
                 "save_pretrained(..., safe_serialization=True)") if pickled else ""
         raise FileNotFoundError(f"BASE {base} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
