@@ -1,21 +1,13 @@
 """Writing files so that a reader sees the old version or the new one, never a mix.
 
-Each file is written to a temporary file beside its final name, flushed and fsynced, then renamed
-over the final name (``os.replace``, atomic on one file system). A process killed at any point
-leaves every final file whole (old or new). What a kill can leave behind is temporaries; their
-names carry the writer's process id, and :func:`remove_stale_temporaries` (run by the next write
-into the same folder) removes those of processes that no longer exist.
+Each file (or a new folder, :func:`new_folder`) is written to a temporary beside its final name,
+fsynced, then renamed over it (atomic on one file system). What a killed writer leaves behind is
+temporaries named with its process id, removed by the next writer into the same folder once that
+process is gone. Modes are as a plain ``open(path, "w")`` gives them (0644 under umask 022, so a
+serving process running as another user can read an adapter); an overwritten file keeps its mode.
 
-A new folder (the offline merge's output) is written the same way as a whole: into a temporary
-folder beside its final name, renamed into place at the end (:func:`new_folder`), so it appears
-complete or not at all.
-
-Modes are as a plain ``open(path, "w")`` would give them: new files get ``0o666`` less the
-umask (0644 under umask 022, so a serving process running as another user can read an adapter),
-and a file that is overwritten keeps its mode.
-
-Guarantees hold for process kills (SIGKILL, OOM). After a power cut or a kernel crash they hold
-only where the file system orders the fsynced data before the rename (ext4 and xfs do).
+Guarantees hold for process kills (SIGKILL, OOM); after a power cut, only where the file system
+orders the fsynced data before the rename (ext4 and xfs do).
 """
 
 from __future__ import annotations
@@ -31,7 +23,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["write_file", "write_files", "commit", "stage", "remove_stale_temporaries", "fsync_folder", "is_temporary",
+__all__ = ["write_file", "write_files", "stage", "remove_stale_temporaries", "fsync_folder", "is_temporary",
            "process_identity", "process_gone", "new_folder", "claim_folder", "remove_stale_folders"]
 
 _SUFFIX = ".tmp"
@@ -49,11 +41,8 @@ def is_temporary(name: str) -> bool:
 
 
 def stage(folder: str, final_name: str, data: bytes | Callable[[object], None]) -> str:
-    """Write a temporary file beside ``folder/final_name``, fsynced; return its path.
-
-    ``data`` is the bytes, or a function writing them to a binary file handle. The temporary has
-    the mode the final file will have (see the module docstring). On any error it is removed.
-    """
+    """Write a temporary file beside ``folder/final_name``, fsynced, with the final file's mode;
+    return its path. ``data``: the bytes, or a function writing them to a binary file handle."""
     final = os.path.join(folder, final_name)
     tmp = os.path.join(folder, f".{final_name}.{os.getpid()}.{secrets.token_hex(4)}{_SUFFIX}")
     try:
@@ -82,20 +71,12 @@ def stage(folder: str, final_name: str, data: bytes | Callable[[object], None]) 
     return tmp
 
 
-def commit(staged: list[tuple[str, str]]) -> None:
-    """Rename each ``(temporary, final)`` pair in order, then fsync the folders involved."""
-    for tmp, final in staged:
-        os.replace(tmp, final)
-    for folder in dict.fromkeys(os.path.dirname(final) for _, final in staged):
-        fsync_folder(folder)
-
-
 def write_files(files: list[tuple[str, bytes]], root: str | None = None) -> None:
     """Write files atomically each, renamed in the order given once all are staged.
 
-    Missing folders are created (and removed again if staging fails). Temporaries of killed
-    writers are removed first: in ``root`` and its immediate sub-folders, or else in each file's
-    folder. An exception before the renames leaves every final file as it was and no temporary.
+    Missing folders are created. Temporaries of killed writers are removed first: in ``root`` and
+    its immediate sub-folders, or else in each file's folder. An exception before the renames
+    leaves every final file and folder as it was, and no temporary.
     """
     finals = [os.path.abspath(os.fspath(path)) for path, _ in files]
     for folder in [root] if root is not None else dict.fromkeys(os.path.dirname(f) for f in finals):
@@ -118,7 +99,10 @@ def write_files(files: list[tuple[str, bytes]], root: str | None = None) -> None
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
-    commit(staged)
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    for folder in dict.fromkeys(os.path.dirname(final) for _, final in staged):
+        fsync_folder(folder)
 
 
 def write_file(path: str | os.PathLike, data: bytes | Callable[[object], None]) -> None:
@@ -166,11 +150,8 @@ def process_gone(pid: int, identity: str | None = None) -> bool:
 
 def remove_stale_temporaries(folder: str, *, subfolders: bool = False) -> list[str]:
     """Remove temporaries in ``folder`` left by writers that no longer run; returns their paths.
-
-    With ``subfolders``, the immediate sub-folders too, and a sub-folder that held nothing but such
-    temporaries is removed as well (a killed save of a named adapter creates ``folder/<name>/``).
-    Anything not named like one of our temporaries is never touched.
-    """
+    With ``subfolders``, the immediate sub-folders too, and those that held nothing else (a killed
+    save of a named adapter creates ``folder/<name>/``)."""
     removed: list[str] = []
     if not os.path.isdir(folder):
         return removed
@@ -192,10 +173,8 @@ def remove_stale_temporaries(folder: str, *, subfolders: bool = False) -> list[s
 
 
 # ---------------------------------------------------------------- folders
-# A folder is written as ".<final name>.partial-<pid>-<random>" beside its final name, after
-# "<that>.owner" naming the writing process was created; a killed writer leaves both, and the next
-# new_folder in the same parent removes them once that process is gone. Nothing without an owner
-# file of ours is ever removed.
+# A folder is written as ".<final name>.partial-<pid>-<random>", after "<that>.owner" naming the
+# writing process was created. Nothing without an owner file of ours is ever removed.
 _PARTIAL = re.compile(r"\..+\.partial-(?P<pid>\d+)-[0-9a-f]{8}")
 _OWNER = ".owner"
 
@@ -250,11 +229,7 @@ def remove_stale_folders(parent: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def new_folder(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder to fill; when the block ends, it is fsynced and renamed to
-    ``final`` (which must not exist), so ``final`` appears complete or not at all.
-
-    Temporary folders of killed writers in the same parent are removed first. An exception in the
-    block removes the temporary folder and propagates.
-    """
+    ``final`` (which must not exist). An exception in the block removes it and propagates."""
     final = Path(final)
     remove_stale_folders(final.parent)
     tmp, owner = claim_folder(final)

@@ -1,31 +1,19 @@
 """Adapters on disk in peft's format: ``save_adapter``, ``load_adapter``, ``adapter_state_dict``.
 
-A folder holds one adapter, exactly as peft writes it (so peft, vLLM and every tool that reads
-peft's format load it)::
-
-    adapter_config.json          LoraConfig.to_dict(): peft's field names, "peft_type": "LORA"
-    adapter_model.safetensors    adapter tensors only, metadata {"format": "pt"}
-
-File keys are peft's model keys with the adapter name dropped and ``base_model.model.`` in front
-(``peft_format.FACTOR_KEYS``; docs/interop.md has the whole table).
-
-Loading validates everything before the model is touched: the config, the file's integrity, the
-key set, every shape (against a structural copy of the model on the meta device with the adapter
-injected, so the expected shapes come from the same code that will build the adapter), dtypes and
-finiteness after the cast. Only then is the adapter injected and filled. Reading and checking the
-files is ``minilora.peft_format``'s, shared with the offline merge. Pickle is never read unless
-asked for, and then only through ``torch.load(weights_only=True)``.
+A folder holds one adapter, ``adapter_config.json`` and ``adapter_model.safetensors``, exactly as
+peft writes it (docs/interop.md has the key table). Loading checks shapes against a meta-device
+copy of the model with the adapter injected, so the expected shapes come from the same code that
+will build the adapter; reading and checking the files is ``minilora.peft_format``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,7 +21,7 @@ import torch.nn as nn
 
 from minilora import atomic
 from minilora.config import LoraConfig
-from minilora.inject import inject, lora_layers, lora_state
+from minilora.inject import inject, lora_layers, lora_state, require_state
 from minilora.layers import LoraEmbedding, LoraLayer
 from minilora.modules_to_save import ModulesToSave
 from minilora.patterns import PatternError, time_budget
@@ -49,12 +37,7 @@ __all__ = ["AdapterFileError", "save_adapter", "load_adapter", "adapter_state_di
 # ---------------------------------------------------------------- which tensor goes where
 def _peft_names(model: nn.Module) -> dict[str, tuple[str, str | None]]:
     """Model state-dict key -> (its file key with the adapter name removed, owning adapter).
-
-    Keys outside LoRA layers and modules_to_save wrappers map to themselves with no owner. A
-    wrapper copy's own parameter loses the adapter name (``<w>.modules_to_save.<a>.bias`` ->
-    ``<w>.modules_to_save.bias``), a deeper one keeps it (``...<a>.dense.bias``); only bias="all"
-    files hold such keys.
-    """
+    Keys outside LoRA layers and modules_to_save wrappers are absent (they map to themselves)."""
     names: dict[str, tuple[str, str | None]] = {}
     for name, module in walk(model):
         if isinstance(module, LoraLayer):
@@ -80,15 +63,11 @@ def _peft_names(model: nn.Module) -> dict[str, tuple[str, str | None]]:
     return names
 
 
-def _is_bias(key: str) -> bool:
-    return key == "bias" or key.endswith(".bias")
-
-
 def _bias_all(model, names, adapter_name):
     # peft: every "*.bias" of the model's state dict that does not belong to another adapter.
     for key in model.state_dict(keep_vars=True):
         peft_key, owner = names.get(key, (key, None))
-        if _is_bias(peft_key) and owner in (None, adapter_name):
+        if peft_key.rpartition(".")[2] == "bias" and owner in (None, adapter_name):
             yield peft_key, key
 
 
@@ -116,9 +95,8 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, str]:
                 if tensor is not None:
                     key = f"{name}.adapters.{adapter_name}.{param}"
                     slots[names[key][0]] = key
-    # Tied copies (input and output embeddings sharing one trained weight) are written under each
-    # module's key, as peft does with ensure_weight_tying; a reader that does not tie still gets
-    # the same weight in both places. Loading accepts any one of them (see _check_tensors).
+    # Tied copies (embeddings sharing one trained weight) are written under each module's key, so a
+    # reader that does not tie gets the weight in both places; loading accepts any one of them.
     for name, wrapper in walk(model):
         if isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.modules_to_save:
             for key in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True):
@@ -137,22 +115,15 @@ def _optional_slots(model: nn.Module) -> dict[str, str]:
 
 
 def gather_tensors(model: nn.Module, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Full CPU copies of the model tensors named by state-dict ``keys``.
-
-    The one place that reads tensor values for saving: a sharded model (FSDP, DeepSpeed) replaces
-    this with a gather. Copies, so two keys sharing a tensor (tied copies) are written separately,
-    as peft does (safetensors refuses aliased tensors).
-    """
+    """Full CPU copies of the model tensors named by state-dict ``keys`` (copies: safetensors
+    refuses aliased tensors). The one place that reads tensor values for saving."""
     tensors = model.state_dict(keep_vars=True)
     return {key: _unsharded(tensors[key].detach()).to("cpu", copy=True).contiguous() for key in keys}
 
 
 def _unsharded(tensor: torch.Tensor) -> torch.Tensor:
     """The full tensor of an FSDP2-sharded parameter (a DTensor), else the tensor itself.
-
-    All-gathering is collective: every rank must ask for the same keys in the same order (the
-    callers pass sorted slots, so they do). No DTensor exists unless its module was imported.
-    """
+    All-gathering is collective: every rank must ask for the same keys in the same order."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     if dtensor is not None and isinstance(tensor, dtensor.DTensor):
         return tensor.full_tensor()
@@ -169,8 +140,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     values = gather_tensors(model, dict.fromkeys(slots.values()))
     out: dict[str, torch.Tensor] = {}
     for file_key, key in slots.items():
-        # Two file keys for one tensor (peft's bias="all" duplicate): separate copies, since
-        # safetensors refuses aliased tensors.
+        # Two file keys for one tensor (bias="all"): separate copies, as safetensors refuses aliases.
         out[file_key] = values.pop(key) if key in values else out[next(k for k in out if slots[k] == key)].clone()
     return out
 
@@ -180,20 +150,13 @@ def _config_json(model: nn.Module, config: LoraConfig) -> bytes:
     data = config.to_dict()
     data["inference_mode"] = True  # as peft: a saved adapter loads for inference unless asked otherwise
     if data["lora_bias"] and data["init_lora_weights"] not in (True, False):
-        # peft refuses lora_bias with any other init; the init no longer matters once trained
-        # values are in the file, and True is peft's default.
+        # peft refuses lora_bias with any other init, which no longer matters once trained.
         data["init_lora_weights"] = True
     if not data.get("base_model_name_or_path"):
         model_config = getattr(model, "config", None)
         name = getattr(model_config, "_name_or_path", None) or getattr(model, "name_or_path", None)
         data["base_model_name_or_path"] = name or None
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _weights_bytes(tensors: Mapping[str, torch.Tensor], config_bytes: bytes) -> bytes:
-    # The digest ties this file to the config written beside it (see load_adapter).
-    digest = config_digest(json.loads(config_bytes))
-    return safetensors_bytes(tensors, {"format": "pt", DIGEST_KEY: digest})
 
 
 def _check_folder_name(name: str) -> None:
@@ -203,27 +166,20 @@ def _check_folder_name(name: str) -> None:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
                  is_main_process: bool = True) -> None:
-    """Write adapters in peft's format: ``"default"`` into ``path``, any other into ``path/<name>``.
+    """Write adapters in peft's format: ``"default"`` into ``path``, any other into ``path/<name>``;
+    ``adapter_name=None`` saves every adapter of the model.
 
-    ``adapter_name=None`` saves every adapter of the model (as peft's ``save_pretrained``).
+    A folder never loads as a mix of two saves: the files are written by ``atomic.write_files``
+    (weights renamed before config), and the weights carry a digest of their config, which
+    ``load_adapter`` checks.
 
-    Every folder either keeps its previous adapter or holds the new one, or (a process killed
-    between the renames of its two files) is refused by ``load_adapter``; it never loads as a
-    mix: the files are written by ``atomic.write_files`` (weights renamed before config), and the
-    weights file's metadata carries a digest of the config written with it, which ``load_adapter``
-    checks. An exception before the renames leaves the previous files as they were and no
-    temporary behind; temporaries of a killed save are removed by the next save into ``path``.
-
-    A model sharded with FSDP2 (``fully_shard``): call this on every rank with
-    ``is_main_process=(rank == 0)``; only the adapter tensors are all-gathered, and only the main
-    process writes (``minilora.training.save_adapter_sharded`` does exactly that).
+    A model sharded with FSDP2: call this on every rank with ``is_main_process=(rank == 0)``
+    (as ``minilora.training.save_adapter_sharded`` does); only the main process writes.
 
     Raises:
         ValueError: no such adapter, or the model has none.
     """
-    state = lora_state(model)
-    if state is None or not state.configs:
-        raise ValueError("save_adapter: this model has no minilora adapters; call minilora.inject(model, ...) first")
+    state = require_state(model, "save_adapter")
     names = list(state.configs) if adapter_name is None else [adapter_name]
     for name in names:
         if name not in state.configs:
@@ -233,7 +189,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     for name in names:
         folder = os.fspath(path) if name == "default" else os.path.join(os.fspath(path), name)
         config_bytes = _config_json(model, state.configs[name])
-        files += [(os.path.join(folder, WEIGHTS_NAME), _weights_bytes(adapter_state_dict(model, name), config_bytes)),
+        metadata = {"format": "pt", DIGEST_KEY: config_digest(json.loads(config_bytes))}  # ties weights to config
+        files += [(os.path.join(folder, WEIGHTS_NAME), safetensors_bytes(adapter_state_dict(model, name), metadata)),
                   (os.path.join(folder, CONFIG_NAME), config_bytes)]
     if is_main_process:  # a sharded model's other ranks took part in the gathers above
         atomic.write_files(files, root=os.fspath(path))
@@ -283,8 +240,7 @@ def _list(keys: list[str], limit: int = 5) -> str:
 def _checked_values(file_path: str, tensors: Mapping[str, _FileTensor], slots: Mapping[str, str],
                     optional: Mapping[str, str], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """File key -> its values in the dtype of the model tensor they fill, all checked."""
-    # A key may be absent when another present key names the same tensor (tied copies; peft
-    # without ensure_weight_tying writes only the output embedding).
+    # A key may be absent when another present key names the same tensor (tied copies).
     present = {id(expected[slots[k]]) for k in tensors if k in slots}
     missing = [k for k in slots if k not in tensors and id(expected[slots[k]]) not in present]
     if missing:
@@ -303,8 +259,7 @@ def _checked_values(file_path: str, tensors: Mapping[str, _FileTensor], slots: M
 
 
 def _meta_clone(model: nn.Module) -> nn.Module:
-    """A structural copy of the model whose parameters and buffers live on the meta device
-    (no memory, no copying of values), for a dry-run inject."""
+    """A structural copy of the model with every tensor on the meta device, for a dry-run inject."""
     memo: dict[int, Any] = {}
 
     def to_meta(t: Any) -> None:
@@ -323,15 +278,6 @@ def _meta_clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-@contextlib.contextmanager
-def _rng_untouched(model: nn.Module) -> Iterator[None]:
-    # inject initialises the new factors at random before we overwrite them; loading should not
-    # move the caller's random streams.
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                  is_trainable: bool = False, *, allow_pickle: bool = False) -> nn.Module:
     """Load a peft-format adapter folder into ``model`` (a base model, or one with adapters).
@@ -341,10 +287,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     ``set_adapter``). ``is_trainable=False`` loads it for inference (frozen, as peft).
 
     Everything is checked before the model is touched; on any error the model is exactly as it was.
-    The files are untrusted input: the config's size, the weights file's header and every tensor's
-    shape and dtype are checked before any tensor data is read, tensors are then read one at a
-    time, and the config's regular expressions are matched under a time budget
-    (``minilora.patterns``).
+    The files are untrusted input (see ``minilora.peft_format``); pickle is read only with
+    ``allow_pickle``, through ``torch.load(weights_only=True)``.
 
     Raises:
         AdapterFileError: missing or unparsable config, peft_type other than LORA, a field value
@@ -376,7 +320,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     values = _checked_values(file_path, tensors, slots, optional, dry.state_dict(keep_vars=True))
     del dry
 
-    with _rng_untouched(model):
+    # inject draws the new factors at random before they are overwritten: keep the caller's streams
+    with torch.random.fork_rng(devices=sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})):
         inject(model, config, adapter_name=adapter_name)
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():

@@ -1,34 +1,20 @@
 """The offline merge: a peft-format adapter folded into a safetensors checkpoint, block by block.
 
 :func:`merge_checkpoint` never builds the model with weights. The adapter is read and checked by
-``minilora.peft_format`` (as ``load_adapter`` reads it), then every checkpoint tensor is streamed
-in ``ops.row_blocks`` blocks of rows: read the block's bytes with plain file reads (no memory map,
-whose pages would count as resident memory), add the block's rows of ``ops.lora_delta`` where an
-adapter touches it, write them into the new shard, forget them. Peak memory is a few blocks
-(about 4 MiB of fp32 each) plus the adapter factors, whatever the size of the model or of its
-largest tensor.
+``minilora.peft_format`` (as ``load_adapter`` reads it); every checkpoint tensor is then streamed
+in ``ops.row_blocks`` blocks of rows with plain file reads (no memory map, whose pages would count
+as resident memory), merged, written and forgotten: peak memory is a few blocks plus the factors.
 
-Bit-equality with ``merge_and_unload`` holds by construction: the delta is ``ops.lora_delta``,
-the function the layers' ``delta_weight`` calls, on the same rows, and W + delta is computed in
-``ops.merge_dtype`` and rounded once. DoRA adapters merge to (m / ‖V‖) ⊙ V with V = W + s·B@A,
-the norms summed by ``ops.dora_merge_norm`` over the same blocks in the same order as
-``LoraLayer.merged_weights``. A Linear or ConvNd weight stores an output per row, so each block is
-merged on its own in one pass. Conv1D and Embedding weights store an output per column, whose
-norm needs every block: a first pass sums the norms, a second recomputes each block of V and
-scales it (twice the GEMMs, the same memory bound).
+Bit-equality with ``merge_and_unload`` holds by construction: the same ``ops.lora_delta`` on the
+same rows, W + delta computed in ``ops.merge_dtype`` and rounded once. DoRA merges to
+(m / ‖V‖) ⊙ V with V = W + s·B@A, norms summed by ``ops.dora_merge_norm`` over the same blocks in
+the same order as ``LoraLayer.merged_weights``; where outputs are columns (Conv1D, Embedding) a
+first pass sums the norms and a second scales each block.
 
-The output is written with ``atomic.new_folder``: OUT appears complete or not at all, and what
-a killed merge leaves beside it is removed by the next one. Files and folders get the modes new
-files get (0644 / 0755 under umask 022): a merged checkpoint is read by serving processes that
-may run as another user. OUT may not lie inside BASE: the merge copies BASE, and never writes
-into its input.
-
-Tied weights (``tie_word_embeddings``): the checkpoint stores one tensor for the whole group
-(e.g. ``model.embed_tokens.weight``, with ``lm_head.weight`` absent). Each member's merged value
-is computed separately (its own modules_to_save copy, its own LoRA); if all members come out
-equal the group stays tied (one tensor, flag unchanged), as minilora's shared modules_to_save
-copy keeps it; otherwise every member is written and ``tie_word_embeddings`` is set to false in
-config.json, as ``merge_and_unload`` unties a LoRA-adapted tied embedding.
+Tied weights: the checkpoint stores one tensor for the group. If every member merges to the same
+values the group stays tied; otherwise each is written and ``tie_word_embeddings`` set to false,
+as ``merge_and_unload`` unties a LoRA-adapted tied embedding. OUT is written with
+``atomic.new_folder`` (complete or not at all), with new files' modes, never inside BASE.
 """
 
 from __future__ import annotations
@@ -46,6 +32,7 @@ import torch
 from minilora import atomic
 from minilora.config import LoraConfig
 from minilora.matching import closest_names
+from minilora.model_config import CONFIG_FILE, NotBuildable, meta_model
 from minilora.ops import dora_merge_norm, grouped_merge_problem, lora_delta, merge_dtype, row_blocks
 from minilora.patterns import PatternError, time_budget
 from minilora.peft_format import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, AdapterFileError, AdapterModule,
@@ -86,8 +73,7 @@ class MergeSummary:
 def _shard_name_ok(name: object) -> bool:
     """A shard named in an index must be a .safetensors file directly in BASE: a path with folders
     or '..' could point anywhere, and the merged shard is written under the same name."""
-    return (isinstance(name, str) and name.endswith(".safetensors") and name not in ("", ".", "..")
-            and not any(c in name for c in "/\\\0"))
+    return isinstance(name, str) and name.endswith(".safetensors") and not any(c in name for c in "/\\\0")
 
 
 def _checkpoint(base: Path) -> tuple[dict[str, TensorEntry], dict[str, dict[str, str]], dict | None]:
@@ -118,8 +104,7 @@ def _checkpoint(base: Path) -> tuple[dict[str, TensorEntry], dict[str, dict[str,
             if path.exists():  # a folder or a pipe where the weights should be
                 raise ValueError(f"{path} is not a regular file; BASE must hold the checkpoint's weights as "
                                  f"{SINGLE_FILE} or as shards named in {INDEX_FILE}")
-        found = sorted(p.name for p in base.iterdir()) if base.is_dir() else []
-        pickled = [n for n in found if n.endswith(_STALE_WEIGHTS)]
+        pickled = sorted(p.name for p in base.iterdir() if p.name.endswith(_STALE_WEIGHTS))
         hint = (f"; it has {pickled}, which minilora never unpickles: re-save the model with "
                 "save_pretrained(..., safe_serialization=True)") if pickled else ""
         raise FileNotFoundError(f"BASE {base} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
@@ -146,10 +131,7 @@ def _checkpoint(base: Path) -> tuple[dict[str, TensorEntry], dict[str, dict[str,
 # ---------------------------------------------------------------- understanding the adapter
 def _read_adapter(adapter: Path) -> tuple[LoraConfig, dict[str, TensorEntry], dict[str, AdapterModule], dict[str, str]]:
     """The config, the adapter tensors, LoRA modules by name, and checkpoint key -> adapter key
-    for tensors that replace a base tensor (modules_to_save copies, trained biases).
-
-    The config and the weights file's header are read and checked by ``minilora.peft_format``,
-    exactly as ``load_adapter`` reads them; values are checked by :func:`_check_values`."""
+    for tensors that replace a base tensor (modules_to_save copies, trained biases)."""
     config_path, weights_path = adapter / CONFIG_NAME, adapter / WEIGHTS_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"ADAPTER {adapter} has no {CONFIG_NAME}; is it a peft adapter folder?")
@@ -170,10 +152,8 @@ def _read_adapter(adapter: Path) -> tuple[LoraConfig, dict[str, TensorEntry], di
 
 
 def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter: Path) -> None:
-    """Every adapter tensor is floating point and finite in the dtype it is used in: the merge
-    dtype for the factors (fp32; fp64 for an fp64 checkpoint), the checkpoint tensor's dtype for a tensor that
-    replaces one. The same checks as ``load_adapter`` (``minilora.peft_format``), read in blocks of
-    rows so a large modules_to_save copy costs no more memory than the merge itself."""
+    """Every adapter tensor is floating point and finite in the dtype it is used in (the merge
+    dtype for factors, the checkpoint's for a replacing tensor), read in blocks of rows."""
     where = str(adapter / WEIGHTS_NAME)
     uses = [(getattr(m, f), merge_dtype(_stored(ck_tensors, tied_to, m.name + ".weight").torch_dtype))
             for m in modules.values() for f in ("lora_A", "lora_B", "lora_bias", "magnitude")
@@ -191,16 +171,10 @@ def _stored(ck_tensors: dict[str, TensorEntry], tied_to: dict[str, str], key: st
 
 
 def _model_facts(base: Path) -> tuple[set[str], list[list[str]]] | None:
-    """(names of transformers Conv1D modules, groups of tied parameter names) from config.json,
-    with the model built on the meta device (no memory, ~0.1 s even for 7B). None when there is
-    no config.json, transformers is missing or cannot build the model it names (an unknown or
-    custom-code architecture, which is never run): shapes then decide alone. A config.json that
-    is not a readable JSON object is an error: OUT would get a copy of it.
-
-    Without "architectures" the model class (and so its module names) would be a guess: None.
-    """
-    from minilora.cli.inspect import CONFIG_FILE, NotBuildable, meta_model
-
+    """(names of transformers Conv1D modules, groups of tied parameter names) from the model
+    ``model_config.meta_model`` builds; None (shapes then decide alone) without config.json,
+    transformers, or a model it can build without guessing the class. A config.json that is not
+    a readable JSON object is an error: OUT would get a copy of it."""
     if not (base / CONFIG_FILE).exists():
         return None
     try:
@@ -226,11 +200,10 @@ def _not_found(key: str, what: str, tensors: dict[str, TensorEntry], base: Path)
 
 def _align_prefix(modules: dict[str, AdapterModule], replace: dict[str, str], known: set[str]
                   ) -> tuple[dict[str, AdapterModule], dict[str, str], tuple[str, str] | None]:
-    """An adapter trained on the bare backbone (``LlamaModel``: ``layers.0...``) merged into a
-    checkpoint of the model with a head (``model.layers.0...``), or the other way round: when no
-    adapter name is in the checkpoint as it is, but all of them are after dropping their one
-    common first component or adding one of the checkpoint's first components, use that mapping.
-    Returns the (possibly renamed) modules and replace map, and (old, new) prefix or None."""
+    """An adapter trained on the bare backbone (``layers.0...``) merged into a checkpoint of the
+    model with a head (``model.layers.0...``), or the other way round: drop the names' one common
+    first component, or add one of the checkpoint's, if that makes every name fit. Returns the
+    (possibly renamed) modules and replace map, and (old, new) prefix or None."""
     def fits(strip: str, add: str) -> bool:
         return (all(add + name[len(strip):] + ".weight" in known for name in modules)
                 and all(add + key[len(strip):] in known for key in replace))
@@ -269,11 +242,8 @@ def _factor_problem(m: AdapterModule, A: tuple[int, ...], B: tuple[int, ...], W:
 
 def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, config, base, adapter) -> None:
     """Check every adapter tensor against the checkpoint before anything is written."""
-    def stored(key: str) -> TensorEntry | None:
-        return _stored(ck_tensors, tied_to, key)
-
     for m in modules.values():
-        entry = stored(m.name + ".weight")
+        entry = _stored(ck_tensors, tied_to, m.name + ".weight")
         if entry is None:
             raise _not_found(m.name + ".weight", f"LoRA module {m.name!r}", ck_tensors, base)
         A, B, W = tuple(ad_tensors[m.lora_A].shape), tuple(ad_tensors[m.lora_B].shape), tuple(entry.shape)
@@ -309,7 +279,7 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, conf
                                  f"(lora_magnitude_vector) has shape {list(got)}, but its weight {list(W)} has "
                                  f"{B[0]} outputs, so it must be {list(want)}; the adapter file is malformed")
         if m.lora_bias is not None:
-            bias = stored(m.name + ".bias")
+            bias = _stored(ck_tensors, tied_to, m.name + ".bias")
             if bias is None:
                 raise ValueError(f"adapter has a lora_bias for {m.name!r} but the checkpoint has no "
                                  f"{m.name + '.bias'!r} to merge it into")
@@ -319,7 +289,7 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, conf
                                  f"{list(got)} and its bias in {base} {list(bias.shape)}, but lora_B {list(B)} "
                                  f"makes {B[0]} outputs")
     for key, ad_key in replace.items():
-        entry = stored(key)
+        entry = _stored(ck_tensors, tied_to, key)
         if entry is None:
             raise _not_found(key, f"adapter tensor {ad_key!r}", ck_tensors, base)
         if entry.shape != ad_tensors[ad_key].shape:
@@ -341,9 +311,8 @@ def _check_merged(key: str, base: torch.Tensor, merged: torch.Tensor, dora: bool
 
 
 def _check_norm(key: str, norm: torch.Tensor, first: int = 0) -> None:
-    """DoRA divides by ‖W_i + s·(B@A)_i‖: every norm must be finite and positive, or the merged
-    output i would be NaN (0 / 0, inf · 0) or silently zero (an overflowed norm). ``first``: the
-    output number of ``norm[0]``."""
+    """DoRA divides by ‖W_i + s·(B@A)_i‖: every norm must be finite and positive, or output i
+    would be NaN or silently zero. ``first``: the output number of ``norm[0]``."""
     bad = ~(torch.isfinite(norm) & (norm > 0))
     if bad.any():
         i = int(bad.nonzero()[0, 0])
@@ -401,8 +370,7 @@ class _Merger:
     @staticmethod
     def _dora_blocks(key: str, m: AdapterModule, source: TensorEntry, entry: TensorEntry, A: torch.Tensor,
                      B: torch.Tensor, magnitude: torch.Tensor) -> Iterator[torch.Tensor]:
-        """``blocks`` for a DoRA module's weight: (m / ‖V‖) ⊙ V with V = W + s·B@A, as
-        ``LoraLayer.merged_weights`` computes it (see the module docstring)."""
+        """``blocks`` for a DoRA module's weight (see the module docstring)."""
         dtype = entry.torch_dtype
         work = merge_dtype(dtype)
         blocks = row_blocks(entry.shape)
@@ -466,22 +434,16 @@ def _kind_of(mode: int) -> str:
 
 
 def _copy_file(src: str, dst: Path) -> None:
-    """Copy the bytes only: the copy gets a new file's mode (0644 under umask 022), not the
-    source's, and is fsynced before OUT is renamed into place."""
+    """Copy the bytes only (the copy gets a new file's mode, not the source's), fsynced."""
     shutil.copyfile(src, dst)
     with open(dst, "rb") as handle:
         os.fsync(handle.fileno())
 
 
 def _copy_side_files(base: Path, tmp: Path, weight_files: set[str]) -> list[str]:
-    """Copy config, tokenizer and every other file of ``base`` into ``tmp``, sub-folders included.
-    Weight files other than the merged shards hold unmerged weights and are left out (returned,
-    as paths relative to ``base``): Llama 3's ``original/consolidated.00.pth`` would be 16 GB.
-
-    Symlinks are followed, so the copy holds real files (a Hugging Face cache snapshot is links to
-    blobs). A folder reached again inside itself (a link to an ancestor, of BASE too) is a loop:
-    one short error at once, not a copy that grows until the path is too long.
-    """
+    """Copy every other file of ``base`` into ``tmp``, sub-folders included, except weight files
+    (returned, relative to ``base``): they hold unmerged weights. Symlinks are followed (a Hugging
+    Face snapshot is links to blobs); a folder link to an ancestor is refused as a loop."""
     def ident(st: os.stat_result) -> tuple[int, int]:
         return st.st_dev, st.st_ino
 
@@ -535,7 +497,6 @@ def _write_json(path: Path, data: dict) -> None:
         os.fsync(handle.fileno())
 
 
-
 def _check_out(base: Path, out: Path) -> None:
     if out.exists() or out.is_symlink():
         raise FileExistsError(f"OUT {out} already exists; give a new folder name (nothing is overwritten)")
@@ -544,9 +505,8 @@ def _check_out(base: Path, out: Path) -> None:
         raise FileNotFoundError(f"the parent folder of OUT, {out.parent}, {what}")
     real_base, real_out = Path(os.path.realpath(base)), Path(os.path.realpath(out.parent)) / out.name
     if real_out.is_relative_to(real_base):
-        # The merge copies BASE's other files into OUT: OUT (and its partial folder) inside BASE
-        # would change the input while it is read, and every later merge or copy of BASE would carry
-        # the merged checkpoint along. cp -r refuses the same ("cannot copy a directory into itself").
+        # OUT inside BASE would change the input while it is copied, and every later copy of
+        # BASE would carry the merged checkpoint along (cp -r refuses the same).
         raise ValueError(f"OUT {out} is inside BASE {base}; the merge copies BASE and never writes into it: "
                          f"give a folder outside it, such as {base.parent / (base.name + '-merged')}")
 
@@ -586,8 +546,7 @@ def _plan(base: Path, adapter: Path) -> _Plan:
 
 def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
                      progress: Progress | None = None) -> MergeSummary:
-    """Write ``base`` + ``adapter`` merged into the new folder ``out`` (the library form of
-    ``minilora merge``).
+    """Write ``base`` + ``adapter`` merged into the new folder ``out`` (``minilora merge``).
 
     Args:
         base: a transformers checkpoint folder: ``model.safetensors`` or shards with

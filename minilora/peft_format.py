@@ -1,22 +1,9 @@
 """peft's adapter files as untrusted input: names, keys, and reading with bounded time and memory.
 
-One home for what both readers need, ``load_adapter`` (into a model) and the offline
-``minilora merge`` (into a checkpoint), so that a file refused by one is refused by the other:
-
-* the file names and peft's key names for LoRA factors;
-* :func:`read_config_file`: ``adapter_config.json`` (size-bounded, depth-safe) into a ``LoraConfig``;
-* :func:`read_header`: a safetensors header, fully validated before any tensor data is read
-  (every dtype, shape and byte range checked against the file's size), with tensors then read one
-  at a time by :func:`read_tensor` with plain file reads;
-* :func:`check_tensor`: one adapter tensor against what it is for (shape, a float dtype, and
-  finite values *after* the cast to the dtype it will have, so an fp64 1e300 is refused for an
-  fp32 adapter and an fp32 1e5 for an fp16 model);
-* :func:`adapter_modules`: an adapter file's keys parsed into LoRA modules (factor keys,
-  rank/alpha checked against the config, DoRA magnitudes against ``use_dora``) and the tensors
-  that replace a model tensor (modules_to_save copies, trained biases);
-* :func:`config_digest`: the digest of a config that ``save_adapter`` writes into the weights
-  file's metadata, so that a weights file paired with another config (a save killed between its
-  two renames) is refused instead of loading with the wrong scaling.
+The one home for what both readers need, ``load_adapter`` (into a model) and the offline merge
+(into a checkpoint), so that a file refused by one is refused by the other. Values are checked
+finite *after* the cast to the dtype they are used in (an fp64 1e300 is refused for an fp32
+adapter, an fp32 1e5 for an fp16 model).
 """
 
 from __future__ import annotations
@@ -38,8 +25,7 @@ from minilora.config import LoraConfig
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX", "FACTOR_KEYS", "DIGEST_KEY",
            "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "AdapterFileError", "TensorEntry", "read_json",
            "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor", "check_tensor",
-           "check_finite", "header_bytes",
-           "tensor_bytes", "safetensors_bytes", "AdapterModule", "adapter_modules"]
+           "check_finite", "header_bytes", "tensor_bytes", "safetensors_bytes", "AdapterModule", "adapter_modules"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -96,13 +82,8 @@ def _depth(value: Any) -> int:
 
 
 def read_json(path: str | os.PathLike, what: str, limit: int = MAX_CONFIG_BYTES) -> Any:
-    """A JSON file read with its size and nesting bounded; every failure is an AdapterFileError
-    naming ``path``.
-
-    Args:
-        what: what the file should hold, for the messages (e.g. "peft's adapter config").
-        limit: the largest size accepted, in bytes.
-    """
+    """A JSON file read with its size (``limit`` bytes) and nesting bounded; every failure is an
+    AdapterFileError naming ``path`` and ``what`` it should hold (e.g. "peft's adapter config")."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read(limit + 1)
@@ -126,12 +107,8 @@ def read_json(path: str | os.PathLike, what: str, limit: int = MAX_CONFIG_BYTES)
 
 
 def read_config_file(folder: str | os.PathLike) -> tuple[LoraConfig, dict[str, Any]]:
-    """The LoraConfig of an adapter folder, and the JSON object it was built from.
-
-    Raises:
-        AdapterFileError: missing, unreadable, not JSON, not an object, not a LoRA config, or a
-            field value LoraConfig refuses (the message names the file and the field).
-    """
+    """The LoraConfig of an adapter folder, and the JSON object it was built from; an
+    AdapterFileError (naming the file and field) for anything LoraConfig or this module refuses."""
     path = os.path.join(os.fspath(folder), CONFIG_NAME)
     if not os.path.isfile(path):
         hint = "" if os.path.isdir(folder) else " (the folder itself does not exist)"
@@ -196,13 +173,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Every tensor's entry and the metadata of a safetensors file, without reading tensor data.
 
-    The whole layout is validated here, so that reading a tensor later cannot fail or read
-    outside its range: a header of at most :data:`MAX_HEADER_BYTES`, known dtypes, shapes of
-    non-negative ints whose byte size equals the tensor's range, ranges that tile the data region
-    exactly, and a file exactly as long as the header says.
-
-    Raises:
-        AdapterFileError: what is wrong, naming the file (and the tensor).
+    The whole layout is validated (an AdapterFileError otherwise), so that reading a tensor later
+    cannot fail or read outside its range: known dtypes, byte sizes matching shapes, ranges that
+    tile the data region exactly, a file exactly as long as the header says.
     """
     path = os.fspath(path)
     size = os.path.getsize(path)
@@ -286,11 +259,8 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
 
 
 def read_tensor(entry: TensorEntry, rows: slice | None = None) -> torch.Tensor:
-    """A tensor (or rows ``rows`` of its dim 0) read with plain file reads.
-
-    No memory map: pages read through a map kept open count as resident memory (measured: the
-    RSS grew by the file size), so a large tensor read in blocks would cost the whole file.
-    """
+    """A tensor (or rows ``rows`` of its dim 0) read with plain file reads. No memory map: pages
+    read through a map kept open count as resident memory (the RSS grew by the file size)."""
     rows = rows if rows is not None else slice(0, entry.shape[0] if entry.shape else 1)
     count = rows.stop - rows.start
     row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else entry.nbytes
@@ -309,11 +279,8 @@ def read_tensor(entry: TensorEntry, rows: slice | None = None) -> torch.Tensor:
 # ---------------------------------------------------------------- one adapter tensor
 def check_tensor(where: str, key: str, dtype: torch.dtype, shape: tuple[int, ...], target_dtype: torch.dtype,
                  target_shape: tuple[int, ...], load: Any = None) -> torch.Tensor | None:
-    """Check one adapter tensor against the tensor it fills; return it cast to ``target_dtype``.
-
-    Shape and dtype are checked from the header; then (when ``load`` is given: a callable that
-    reads the tensor) the values, after the cast, so that nothing finite in the file turns into an
-    inf where it is used.
+    """Check one adapter tensor's shape and dtype against the tensor it fills; with ``load`` (a
+    callable reading it), also its values, and return it cast to ``target_dtype``.
 
     Raises:
         AdapterFileError: a wrong shape, a non-float dtype, or non-finite values after the cast.
@@ -333,11 +300,7 @@ def check_tensor(where: str, key: str, dtype: torch.dtype, shape: tuple[int, ...
 
 def check_finite(where: str, key: str, chunks: Iterable[torch.Tensor], target_dtype: torch.dtype) -> None:
     """Every value of an adapter tensor, given in ``chunks`` (e.g. blocks of rows), is finite once
-    cast to ``target_dtype``, the dtype it is used in.
-
-    Raises:
-        AdapterFileError: how many values are NaN or inf in that dtype.
-    """
+    cast to ``target_dtype``; else an AdapterFileError says how many are not."""
     bad = sum(int((~torch.isfinite(chunk.to(target_dtype))).sum()) for chunk in chunks)
     if bad:
         raise AdapterFileError(f"{where}: {key!r} has {bad} value(s) that are NaN or inf as {target_dtype} (the "
@@ -346,11 +309,8 @@ def check_finite(where: str, key: str, chunks: Iterable[torch.Tensor], target_dt
 
 
 def check_digest(weights_path: str, metadata: Mapping[str, str], config_data: Mapping[str, Any]) -> None:
-    """A weights file saved by minilora names the config it was saved with; refuse another one.
-
-    Raises:
-        AdapterFileError: the config beside the weights is not the one they were saved with.
-    """
+    """A weights file saved by minilora names the config it was saved with (a save killed between
+    its two renames leaves another one beside it): an AdapterFileError for another one."""
     digest = metadata.get(DIGEST_KEY)
     if digest is not None and digest != config_digest(config_data):
         raise AdapterFileError(
@@ -370,11 +330,7 @@ _SUFFIXES = {f".{suffix}": (param, embedding and suffix not in FACTOR_KEYS[False
 @dataclass
 class AdapterModule:
     """One LoRA module of an adapter file: the file keys of its tensors, its scaling, its layout.
-
-    ``name`` is the module's name in the model (after :data:`PEFT_PREFIX`). ``transposed`` (the
-    weight is stored (in, out): Conv1D, fan_in_fan_out, Embedding) is not all in the file; the
-    offline merge sets it once it knows the weight.
-    """
+    ``transposed`` (the weight is stored (in, out)) is set by the offline merge once it knows the weight."""
 
     name: str
     lora_A: str | None = None

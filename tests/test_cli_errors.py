@@ -372,9 +372,9 @@ INSPECT_ERRORS = {
 
 @pytest.mark.parametrize("case", list(INSPECT_ERRORS))
 def test_inspect_config_errors(tmp_path, capsys, monkeypatch, case):
-    from minilora.cli import inspect as inspect_module
+    from minilora import model_config
 
-    monkeypatch.setattr(inspect_module, "MAX_MODULES", 50, raising=False)  # (the real bound takes seconds)
+    monkeypatch.setattr(model_config, "MAX_MODULES", 50, raising=False)  # (the real bound takes seconds)
     config = tiny_llama().config
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(tmp_path)

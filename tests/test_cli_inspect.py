@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from minilora.cli import main
-from minilora.cli.inspect import group_names
+from minilora.model_config import group_names
 import tiny_models as tm
 
 transformers = pytest.importorskip("transformers")

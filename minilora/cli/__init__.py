@@ -1,22 +1,19 @@
 """The ``minilora`` command line: ``demo``, ``merge``, ``inspect``, ``bench``.
 
-Imports nothing heavy beyond torch at module level (the ``minilora`` package itself imports
-torch, about 1.5 s): each subcommand imports transformers / matplotlib inside its ``run``, so
-``minilora --help`` costs no more than ``import minilora``. Every failure is reported as one line on
-stderr with a non-zero exit code; ``--debug`` shows the traceback instead.
-
-Errors meant for users (``CliError``, the library's ``ValueError``s, a missing file, what the file
-system refused) are printed as they are. Anything else reaching ``main`` is a bad input that no
-check caught yet, and is printed as an internal error, so that such gaps show.
+Each subcommand imports transformers / matplotlib inside its ``run``, so ``minilora --help``
+costs no more than ``import minilora``. A failure is one line on stderr (``--debug``: the
+traceback): errors meant for users (``CliError``, ``ValueError``, ``OSError``) as they are,
+anything else as an internal error, so that a bad input no check caught yet shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 from collections.abc import Sequence
+
+from minilora.model_config import one_line
 
 __all__ = ["main", "CliError", "one_line"]
 
@@ -57,18 +54,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# "TypeError: " / "safetensors_rust.SafetensorError: " inside a message (libraries nest causes so).
-_CLASS_PREFIX = re.compile(r"\b(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception): ")
-
-
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line, without exception class names in it."""
-    text = str(err) or type(err).__name__
-    if isinstance(err, KeyError):  # str(KeyError('x')) is "'x'": say what it was
-        text = f"missing key {text}"
-    return _CLASS_PREFIX.sub("", " ".join(text.split()))
-
-
 def _message(err: Exception) -> str:
     if isinstance(err, OSError) and err.errno is not None and err.strerror:
         # raised by the system: "[Errno 13] Permission denied: 'x'" -> "x: Permission denied"
@@ -88,13 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.run(args) or 0)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as err:  # noqa: BLE001 -- the one place that turns errors into a message
         if args.debug:
             raise
-        print(f"minilora {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as err:  # noqa: BLE001 -- the one place that turns errors into a message
-        if args.debug:
-            raise
+        if isinstance(err, KeyboardInterrupt):
+            print(f"minilora {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(f"minilora {args.command}: error: {_message(err)} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_FAILED

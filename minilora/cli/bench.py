@@ -1,7 +1,5 @@
-"""``minilora bench``: the benchmarks are scripts in the repository's ``benchmarks/`` folder.
-
-They compare against peft (a benchmark-only dependency) and are not part of the installed
-package, so this subcommand only says where they are and how to run them.
+"""``minilora bench``: says where the benchmarks are and how to run them. They are scripts in the
+repository's ``benchmarks/`` (comparing against peft, a benchmark-only dependency), not installed.
 """
 
 from __future__ import annotations
