@@ -101,19 +101,10 @@ def save_adapter_sharded(model: nn.Module, path: str | os.PathLike, adapter_name
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        save_adapter(model, path, adapter_name)
-        return
-    save_adapter(model, path, adapter_name, is_main_process=dist.get_rank() == 0)
-    dist.barrier()  # nobody reads the folder (or exits) before rank 0 has written it
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    # The Trainer hands callbacks its unwrapped model; a DDP wrapper or a torch.compile'd module
-    # given by hand would prefix every key (module., _orig_mod.), so look through them.
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
+    sharded = dist.is_available() and dist.is_initialized()
+    save_adapter(model, path, adapter_name, is_main_process=not sharded or dist.get_rank() == 0)
+    if sharded:
+        dist.barrier()  # nobody reads the folder (or exits) before rank 0 has written it
 
 
 # The Trainer's weight files (transformers' names): one file, or shards listed by an index.
@@ -182,7 +173,11 @@ def __getattr__(name: str) -> Any:
                     **kwargs: Any) -> None:
             if model is None:
                 raise ValueError("SaveAdapterCallback needs the model; the Trainer passes it to callbacks")
-            model = _unwrapped(model)
+            # The Trainer hands callbacks its unwrapped model; a DDP wrapper or a torch.compile'd module
+            # given by hand would prefix every key (module., _orig_mod.), so look through them.
+            if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+                model = model.module
+            model = getattr(model, "_orig_mod", model)
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             save_adapter(model, os.path.join(folder, self.subfolder), self.adapter_name,
                          is_main_process=args.should_save)

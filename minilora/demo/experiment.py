@@ -176,10 +176,9 @@ def plot(rows: list[Scenario], path: Path, title: str, accuracy_name: str) -> No
     for color, s in zip(colors, rows):
         steps = range(1, len(s.losses) + 1)
         ax_loss.plot(steps, s.losses, color=color, alpha=0.25, linewidth=1)
-        smooth, acc = [], None
-        for value in s.losses:  # exponential moving average, for a readable trend
-            acc = value if acc is None else 0.8 * acc + 0.2 * value
-            smooth.append(acc)
+        smooth = s.losses[:1]
+        for value in s.losses[1:]:  # exponential moving average, for a readable trend
+            smooth.append(0.8 * smooth[-1] + 0.2 * value)
         ax_loss.plot(steps, smooth, color=color, linewidth=2, label=s.name)
     ax_loss.set(xlabel="training step", ylabel="training loss", title="training loss (smoothed; raw faint)")
     ax_loss.legend(fontsize=8)
