@@ -20,13 +20,11 @@ BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
               "FEATURE_EXTRACTION")
 
-#: The largest rank accepted. B·A has rank at most min(in, out), and no released model has a layer
-#: with both dimensions near 65536; a larger value is a typo (or a hostile file) that would only
-#: fail later inside torch with an unrelated error.
+#: The largest rank accepted: no released model has a layer with both dimensions near 65536, so a
+#: larger value is a typo (or a hostile file) that would fail later inside torch, unexplained.
 RANK_LIMIT = 1 << 16
-#: The largest lora_alpha accepted. Published recipes use r to 2r (at most a few thousand); the
-#: bound keeps scaling·B·A far from fp32/bf16 overflow for factors of ordinary size (an alpha of
-#: 1e308 once produced an all-inf merged weight).
+#: The largest lora_alpha accepted. Recipes use r to 2r; the bound keeps scaling·B·A far from
+#: fp32/bf16 overflow for factors of ordinary size.
 ALPHA_LIMIT = 1e6
 
 Targets = Union[list[str], str, None]
@@ -62,6 +60,10 @@ def _alpha_ok(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= ALPHA_LIMIT
 
 
+def _rank_ok(value: Any) -> bool:  # an integral float (4.0) is read as the int it names
+    return _alpha_ok(value) and float(value).is_integer() and value <= RANK_LIMIT
+
+
 def _check_pattern(name: str, value: Any, pattern: str, what: str) -> None:
     """``pattern`` (``value`` itself or a part of it) must compile as a regular expression."""
     try:
@@ -85,10 +87,6 @@ def _as_name_list(name: str, value: Any) -> list[str] | str | None:
 @dataclass(frozen=True)
 class LoraConfig:
     """What LoRA to put where. Field names and meanings are peft's (``peft.LoraConfig``).
-
-    Differences from peft, all deliberate: ``init_lora_weights`` defaults to ``"gaussian"``
-    (A ~ N(0, 1/r²), B = 0); the config is frozen and validated when built; ``modules_to_save``
-    matches on dot boundaries (peft's loose suffix match wraps "myhead" for "head").
 
     Attributes:
         r: rank of the update B·A (A: (r, in), B: (out, r)).
@@ -144,9 +142,7 @@ class LoraConfig:
     task_type: str | None = None
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
-    # peft's fields for features minilora does not implement, at the value that means "off". Each is
-    # accepted at that value (a no-op, so every peft config builds by changing the import); any
-    # other value is a ValueError: ignoring it would silently build another model than peft's.
+    # peft's fields for features minilora does not implement, at their "off" value (see the docstring).
     use_dora: bool = False
     use_qalora: bool = False
     loftq_config: dict[str, Any] = field(default_factory=dict)
@@ -187,10 +183,9 @@ class LoraConfig:
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
                 or not 0.0 <= self.lora_dropout < 1.0:
             _fail("lora_dropout", self.lora_dropout, "must be a probability in [0, 1)")
-        set_("target_modules", _as_name_list("target_modules", self.target_modules))
-        set_("exclude_modules", _as_name_list("exclude_modules", self.exclude_modules))
         for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
+            value = _as_name_list(name, getattr(self, name))
+            set_(name, value)
             if isinstance(value, str) and value.lower() != "all-linear":
                 _check_pattern(name, value, value, "a string is a regular expression")
         if self.target_modules == []:
@@ -205,28 +200,21 @@ class LoraConfig:
             set_("modules_to_save", mts)
         if self.bias not in BIAS_MODES:
             _fail("bias", self.bias, f"allowed values are {BIAS_MODES}")
-        if not isinstance(self.use_rslora, bool):
-            _fail("use_rslora", self.use_rslora, "must be True or False")
         init = self.init_lora_weights
         if not any(init is s if isinstance(s, bool) else init == s for s in INIT_SCHEMES):
             _fail("init_lora_weights", init, f"allowed values are {INIT_SCHEMES}")
         self._validate_layers()
-        for name, cast in (("rank_pattern", int), ("alpha_pattern", float)):
+        for name, ok, kind in (("rank_pattern", _rank_ok, f"an integer rank from 1 to {RANK_LIMIT}"),
+                               ("alpha_pattern", _alpha_ok, f"an alpha in (0, {ALPHA_LIMIT:g}]")):
             pattern = getattr(self, name)
             if not isinstance(pattern, Mapping):
                 _fail(name, pattern, "must be a dict mapping a module-name pattern to a value")
             for key, value in pattern.items():
-                if cast is int:  # an integral float (4.0) is read as the int it names
-                    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
-                        float(value).is_integer() and 0 < value <= RANK_LIMIT
-                    kind = f"an integer rank from 1 to {RANK_LIMIT}"
-                else:
-                    ok, kind = _alpha_ok(value), f"an alpha in (0, {ALPHA_LIMIT:g}]"
-                if not isinstance(key, str) or not ok:
+                if not isinstance(key, str) or not ok(value):
                     _fail(name, {key: value}, f"each key is a module-name pattern and each value {kind}")
                 _check_pattern(name, key, key, "keys are regular expressions")
-            set_(name, {k: int(v) if cast is int else v for k, v in pattern.items()})
-        for name in ("fan_in_fan_out", "lora_bias", "inference_mode", "use_dora"):
+            set_(name, {k: int(v) if ok is _rank_ok else v for k, v in pattern.items()})
+        for name in ("use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
         if self.use_dora and self.lora_bias:  # as peft: DoRA's norm has no place for a bias on B

@@ -28,12 +28,9 @@ def matches_name(name: str, keys: Sequence[str]) -> bool:
     return name in keys or any(name.endswith("." + key) for key in keys)
 
 
-def _matches_spec(name: str, spec: Sequence[str] | str) -> bool:
-    return patterns.fullmatch(spec, name) if isinstance(spec, str) else matches_name(name, spec)
-
-
 def is_excluded(name: str, config: LoraConfig) -> bool:
-    return bool(config.exclude_modules) and _matches_spec(name, config.exclude_modules)
+    spec = config.exclude_modules
+    return bool(spec) and (patterns.fullmatch(spec, name) if isinstance(spec, str) else matches_name(name, spec))
 
 
 def inside_modules_to_save(name: str, modules_to_save: Sequence[str] | None) -> bool:
@@ -47,11 +44,9 @@ def layer_index(name: str, layers_pattern: Sequence[str] | str | None) -> int | 
     if not layers_pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)  # a fixed pattern, no config text in it
     else:
-        match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = patterns.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-            if match:
-                break
+        names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        found = (patterns.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in names)
+        match = next(filter(None, found), None)
     return int(match.group("idx")) if match else None
 
 
@@ -88,7 +83,7 @@ def pattern_key(keys: Iterable[str], name: str) -> str | None:
 
 def unmatched_targets(names: Sequence[str], targets: Sequence[str]) -> list[str]:
     """The list entries that match no module name at all (before types or exclusions)."""
-    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    return [t for t in targets if not any(matches_name(n, [t]) for n in names)]
 
 
 def closest_names(target: str, names: Sequence[str], n: int = 3) -> list[str]:

@@ -1,13 +1,10 @@
 """Regular expressions from configs and adapter files, compiled once and matched in bounded time.
 
-Several config fields are regular expressions (a string ``target_modules`` or
-``exclude_modules``, ``rank_pattern`` / ``alpha_pattern`` keys, and ``layers_pattern`` and
-``modules_to_save`` entries spliced into fixed patterns). An ``adapter_config.json`` is untrusted
-input, and a pattern like ``(a|a)*b`` backtracks exponentially on a long module name: Python's
-``re`` can spin for hours. Every match here goes through the ``regex`` engine, which
-accepts ``re``'s syntax with the same meaning and can stop a match after a timeout, under a
-budget for the whole operation (see :func:`time_budget`): a hostile pattern costs a few seconds
-and a clear error, never a hang.
+Config fields that are regular expressions (a string ``target_modules`` / ``exclude_modules``,
+``rank_pattern`` / ``alpha_pattern`` keys, ``layers_pattern`` and ``modules_to_save`` entries) may
+come from an untrusted ``adapter_config.json``, and ``(a|a)*b`` backtracks exponentially: ``re`` can
+spin for hours. The ``regex`` engine (``re``'s syntax and meaning) stops a match at a timeout, under
+one budget per operation (:func:`time_budget`): a hostile pattern costs seconds and a clear error.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
 """Training at scale: what minilora adds for DDP, FSDP2, gradient checkpointing and the HF Trainer.
 
-Most of it needs nothing from here (see docs/training-at-scale.md):
-
-- DDP and FSDP2 (``fully_shard``) take an injected model as it is: a LoRA layer holds the base
-  weight and the adapter factors as its own parameters, frozen and trainable side by side, and
-  its forward reads only those (so FSDP's swapping of sharded/unsharded parameters is seen).
-- Gradient checkpointing: ``inject`` hooks the model's input embedding so that its output
-  requires grad in training, which reentrant checkpointing needs to reach the adapters. A model
-  without ``get_input_embeddings`` gets the same hook from :func:`require_input_grads`.
-
-What is here:
-
-- :func:`prepare_model_for_kbit_training`: peft's recipe before training over a quantized base.
-- :func:`save_adapter_sharded`: ``save_adapter`` for an FSDP2-sharded model, called on every rank.
-- ``SaveAdapterCallback``: a ``transformers.TrainerCallback`` writing the peft-format adapter into
-  every Trainer checkpoint. transformers is imported only when the name is first used.
+DDP, FSDP2 and gradient checkpointing take an injected model as it is (docs/training-at-scale.md
+says why). What is here: :func:`require_input_grads` (reentrant checkpointing on a model without
+``get_input_embeddings``), :func:`prepare_model_for_kbit_training`, :func:`save_adapter_sharded`,
+and ``SaveAdapterCallback`` for the HF Trainer (transformers is imported on its first use).
 """
 
 from __future__ import annotations
@@ -84,18 +73,17 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     kwargs = dict(gradient_checkpointing_kwargs or {})
     for p in model.parameters():
         p.requires_grad_(False)
-    if getattr(model, "quantization_method", None) not in _KEEP_DTYPES and not getattr(model, "hqq_quantized", False):
+    keep_dtypes = getattr(model, "quantization_method", None) in _KEEP_DTYPES or getattr(model, "hqq_quantized", False)
+    if not keep_dtypes:
         bnb = sys.modules.get("bitsandbytes")
         packed = (bnb.nn.Params4bit,) if bnb is not None else ()
         for p in model.parameters():
             if p.dtype in (torch.float16, torch.bfloat16) and not isinstance(p, packed):
                 p.data = p.data.to(torch.float32)
-    quantized = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) \
-        or getattr(model, "quantization_method", None) in _KEEP_DTYPES or getattr(model, "hqq_quantized", False)
+    quantized = keep_dtypes or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
     if quantized and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
-            embeddings = model.get_input_embeddings()
-            embeddings.register_forward_hook(input_requires_grad)
+            model.get_input_embeddings().register_forward_hook(input_requires_grad)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if lora_state(model) is not None:
         update_trainable(model)
@@ -113,67 +101,10 @@ def save_adapter_sharded(model: nn.Module, path: str | os.PathLike, adapter_name
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        save_adapter(model, path, adapter_name)
-        return
-    save_adapter(model, path, adapter_name, is_main_process=dist.get_rank() == 0)
-    dist.barrier()  # nobody reads the folder (or exits) before rank 0 has written it
-
-
-def _define_save_adapter_callback() -> type:
-    """Define ``SaveAdapterCallback``: called on first access only, because its base class
-    comes from transformers, which is optional and slow to import (see ``__getattr__``)."""
-    from transformers import TrainerCallback
-
-    class SaveAdapterCallback(TrainerCallback):
-        """Write the peft-format adapter into each Trainer checkpoint.
-
-        ``Trainer(..., callbacks=[SaveAdapterCallback()])`` writes ``adapter_config.json`` and
-        ``adapter_model.safetensors`` to ``<output_dir>/checkpoint-<step>/<subfolder>`` whenever
-        the Trainer saves, from every rank (an FSDP2-sharded model gathers only its adapter
-        tensors; the main process writes).
-
-        The Trainer's own checkpoint files are what its ``resume_from_checkpoint`` reads. By
-        default they are left alone: its ``model.safetensors`` then holds the whole model, base
-        weights included. ``slim_trainer_checkpoint=True`` replaces that file (atomically) by one
-        holding only the trainable tensors: resuming still works, because the Trainer loads
-        checkpoint weights non-strictly into the model you built (it logs the frozen keys as
-        missing), and a checkpoint costs the adapter, not the model.
-
-        Args:
-            adapter_name: which adapter (default: all, extra ones in sub-folders, as peft).
-            subfolder: folder inside the checkpoint ("" writes into the checkpoint folder itself).
-            slim_trainer_checkpoint: keep only trainable tensors in the Trainer's weights file.
-        """
-
-        # Defined in a function, but reached (and pickled) as minilora.training.SaveAdapterCallback.
-        __qualname__ = "SaveAdapterCallback"
-
-        def __init__(self, adapter_name: str | None = None, subfolder: str = "adapter",
-                     slim_trainer_checkpoint: bool = False) -> None:
-            self.adapter_name, self.subfolder = adapter_name, subfolder
-            self.slim_trainer_checkpoint = slim_trainer_checkpoint
-
-        def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                    **kwargs: Any) -> None:
-            if model is None:
-                raise ValueError("SaveAdapterCallback needs the model; the Trainer passes it to callbacks")
-            model = _unwrapped(model)
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            save_adapter(model, os.path.join(folder, self.subfolder), self.adapter_name,
-                         is_main_process=args.should_save)
-            if self.slim_trainer_checkpoint:
-                _slim_trainer_weights(model, folder, is_main_process=args.should_save)
-
-    return SaveAdapterCallback
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    # The Trainer hands callbacks its unwrapped model; a DDP wrapper or a torch.compile'd module
-    # given by hand would prefix every key (module., _orig_mod.), so look through them.
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
+    sharded = dist.is_available() and dist.is_initialized()
+    save_adapter(model, path, adapter_name, is_main_process=not sharded or dist.get_rank() == 0)
+    if sharded:
+        dist.barrier()  # nobody reads the folder (or exits) before rank 0 has written it
 
 
 # The Trainer's weight files (transformers' names): one file, or shards listed by an index.
@@ -203,9 +134,54 @@ def _slim_trainer_weights(model: nn.Module, folder: str, is_main_process: bool) 
 
 
 def __getattr__(name: str) -> Any:
-    # Module attributes not found otherwise (PEP 562): SaveAdapterCallback, defined on first
-    # access and then stored as a plain module global, so this runs once.
+    # PEP 562: SaveAdapterCallback is defined on first use, since its base class comes from
+    # transformers (optional and slow to import); ``global`` makes it a plain module global
+    # (qualname and pickling included), so this runs once.
     if name != "SaveAdapterCallback":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = _define_save_adapter_callback()
-    return globals()[name]
+    from transformers import TrainerCallback
+
+    global SaveAdapterCallback
+
+    class SaveAdapterCallback(TrainerCallback):
+        """Write the peft-format adapter into each Trainer checkpoint.
+
+        ``Trainer(..., callbacks=[SaveAdapterCallback()])`` writes ``adapter_config.json`` and
+        ``adapter_model.safetensors`` to ``<output_dir>/checkpoint-<step>/<subfolder>`` whenever
+        the Trainer saves, from every rank (an FSDP2-sharded model gathers only its adapter
+        tensors; the main process writes).
+
+        The Trainer's own checkpoint files are what its ``resume_from_checkpoint`` reads. By
+        default they are left alone: its ``model.safetensors`` then holds the whole model, base
+        weights included. ``slim_trainer_checkpoint=True`` replaces that file (atomically) by one
+        holding only the trainable tensors: resuming still works, because the Trainer loads
+        checkpoint weights non-strictly into the model you built (it logs the frozen keys as
+        missing), and a checkpoint costs the adapter, not the model.
+
+        Args:
+            adapter_name: which adapter (default: all, extra ones in sub-folders, as peft).
+            subfolder: folder inside the checkpoint ("" writes into the checkpoint folder itself).
+            slim_trainer_checkpoint: keep only trainable tensors in the Trainer's weights file.
+        """
+
+        def __init__(self, adapter_name: str | None = None, subfolder: str = "adapter",
+                     slim_trainer_checkpoint: bool = False) -> None:
+            self.adapter_name, self.subfolder = adapter_name, subfolder
+            self.slim_trainer_checkpoint = slim_trainer_checkpoint
+
+        def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                    **kwargs: Any) -> None:
+            if model is None:
+                raise ValueError("SaveAdapterCallback needs the model; the Trainer passes it to callbacks")
+            # The Trainer hands callbacks its unwrapped model; a DDP wrapper or a torch.compile'd module
+            # given by hand would prefix every key (module., _orig_mod.), so look through them.
+            if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+                model = model.module
+            model = getattr(model, "_orig_mod", model)
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_adapter(model, os.path.join(folder, self.subfolder), self.adapter_name,
+                         is_main_process=args.should_save)
+            if self.slim_trainer_checkpoint:
+                _slim_trainer_weights(model, folder, is_main_process=args.should_save)
+
+    return SaveAdapterCallback

