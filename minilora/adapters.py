@@ -195,9 +195,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     adapters = [adapters] if isinstance(adapters, str) else list(adapters)
     state = require_state(model, "add_weighted_adapter", adapters)
     weights = [weights] if isinstance(weights, (int, float)) else list(weights)
-    _check_request(model, state, adapters, weights, adapter_name, combination_type)
-    combination_type = "linear" if len(adapters) == 1 else combination_type
     configs = [state.configs[a] for a in adapters]
+    _check_request(model, configs, adapters, weights, adapter_name, combination_type)
+    combination_type = "linear" if len(adapters) == 1 else combination_type
     rank = _new_rank(configs, combination_type, svd_rank)
 
     # Plan: read everything, raise before changing anything.
@@ -225,7 +225,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     return model
 
 
-def _check_request(model: nn.Module, state, adapters: list[str], weights: list, adapter_name: str,
+def _check_request(model: nn.Module, configs: list[LoraConfig], adapters: list[str], weights: list, adapter_name: str,
                    combination_type: str) -> None:
     """add_weighted_adapter's arguments and source configs, checked before any layer is read."""
     if not adapters:
@@ -242,7 +242,6 @@ def _check_request(model: nn.Module, state, adapters: list[str], weights: list, 
     if combination_type not in COMBINATIONS:
         raise ValueError(f"add_weighted_adapter: combination_type={combination_type!r} is not supported; "
                          f"choose one of {sorted(COMBINATIONS)}")
-    configs = [state.configs[a] for a in adapters]
     if len({isinstance(c.target_modules, str) for c in configs}) > 1:
         raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
     dora = [a for a, c in zip(adapters, configs) if c.use_dora]

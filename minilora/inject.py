@@ -218,7 +218,8 @@ def _check_matched(modules: list[tuple[str, nn.Module]], names: list[str], confi
     if not chosen:
         linear = [n for n, m in modules if lora_layer_class(_base_type(m)) is not None][:5]
         raise ValueError(f"target_modules={config.target_modules!r} selects no module that LoRA can adapt (after "
-                         f"exclude_modules, modules_to_save and layers_to_transform); adaptable modules include {linear}")
+                         "exclude_modules, modules_to_save and layers_to_transform); adaptable modules include "
+                         f"{linear}")
 
 
 def _check_decomposable(name: str, module: nn.Module, cls: type[LoraLayer], r: int, init: str) -> None:

@@ -86,11 +86,10 @@ def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = Non
               and kernels.available())  # finds triton without importing it
     if choice == "triton" and not usable:
         raise RuntimeError(
-            "backend 'triton' was forced but cannot run here: it needs x on a CUDA device, "
-            "x and a frozen (requires_grad=False) weight of one dtype among fp16/bf16/fp32 "
-            "(and, inside autocast, the autocast dtype), "
-            f"a rank of at most {kernels.MAX_RANK}, "
-            "and an importable triton (pip install minilora[triton])")
+            "backend 'triton' was forced but cannot run here: it needs x on a CUDA device, x and a frozen "
+            "(requires_grad=False) weight of one dtype among fp16/bf16/fp32 (and, inside autocast, the "
+            f"autocast dtype), a rank of at most {kernels.MAX_RANK}, and an importable triton (pip install "
+            "minilora[triton])")
     return "triton" if usable else "torch"
 
 
@@ -270,8 +269,7 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     # sum of squares overflowed (float64 holds the row's norm)
     bad = ~(norm2 * (DORA_FALLBACK * (K + 2 * r + 5) / m) >= scale) | w2.isinf()
     if bad.any():
-        # These rows cancel: their digits come from forming W_i + s·B_i A itself, in float64, a
-        # block of rows at a time (at most 1/8 of the weight and 256K elements).
+        # These rows cancel: their digits come from forming W_i + s·B_i A itself, in float64.
         idx = bad.nonzero().squeeze(1)
         for part in _small_blocks(tuple(rows.shape), len(idx)):
             norm2[idx[part]] = _direct_norm2(rows[idx[part]], A, B[idx[part]], scaling, wide)
@@ -279,10 +277,9 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
 
 
 def _row_norms2(weight: torch.Tensor, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
-    """‖W_i‖² (out,) as float64, from fp32 sums over blocks of stored rows (each cast on its own, at
-    most 1/8 of the weight and 256K elements: never a weight-sized temporary). For a ``transposed``
-    weight each block's squares are summed down its columns: a reduction across the inner dim is
-    ~40x slower on the CPU than along it."""
+    """‖W_i‖² (out,) as float64, from fp32 sums over ``_small_blocks`` of stored rows, each cast on its
+    own. A ``transposed`` weight's blocks are summed down their columns: a reduction across the inner
+    dim is ~40x slower on the CPU than along it."""
     if weight.dtype == dtype and not transposed:
         return torch.linalg.vector_norm(weight, dim=1).square().double()
     sums = []

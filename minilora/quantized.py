@@ -63,9 +63,8 @@ class _QuantizedLinear(LoraLinear):
         self._relink()
 
     def _relink(self) -> None:
-        # LoraLayer takes the tensors off the base module; bitsandbytes' forward and state-dict
-        # hooks need them there. The same objects, so there is one copy, and re-linked before each
-        # use because .to() / load_state_dict may have replaced ours.
+        # bitsandbytes' forward and state-dict hooks need the tensors LoraLayer took off the base: the
+        # same objects (one copy), re-linked before each use since .to() / load_state_dict may replace ours.
         self.base_layer._parameters["weight"] = self.weight
         if self.bias is not None:
             self.base_layer._parameters["bias"] = self.bias
