@@ -20,12 +20,8 @@ MAX_RANK = 256
 
 @functools.cache  # asked on every CUDA forward; the answer cannot change within a process
 def available() -> bool:
-    """True when the fused kernels can run here.
-
-    That is: triton is installed and either a CUDA device is present or ``TRITON_INTERPRET=1``
-    (the CPU interpreter, for tests that call the kernels explicitly on CPU tensors).
-    ``minilora.ops.backend_for`` additionally requires x to be on CUDA before choosing them.
-    """
+    """True when triton is installed and either a CUDA device is present or ``TRITON_INTERPRET=1``
+    (the CPU interpreter, for tests that call the kernels on CPU tensors)."""
     if importlib.util.find_spec("triton") is None:
         return False
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -107,15 +107,14 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"x has {x.shape[-1] if x.dim() else None} features but weight has "
                          f"shape {tuple(weight.shape)}")
     # Before dispatch: a meta or mixed-device input would be routed to the fake impl silently.
-    _k._check_device(x=x, weight=weight, bias=bias, A=A, B=B)
+    _k.check_device(x=x, weight=weight, bias=bias, A=A, B=B)
     p = dropout_p if training else 0.0
     scale = scaling / (1.0 - p)
     seed_t = None
-    if p > 0.0:
-        if seed is None:
-            seed_t = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
-        else:
-            seed_t = torch.tensor([seed], dtype=torch.int64, device=x.device)
+    if p > 0.0 and seed is None:
+        seed_t = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    elif p > 0.0:
+        seed_t = torch.tensor([seed], dtype=torch.int64, device=x.device)
     lead = x.shape[:-1]
     y, _s = _forward_op(x.reshape(-1, x.shape[-1]), weight, bias, A, B, scale, p, seed_t, path)
     return y.reshape(*lead, weight.shape[0])

@@ -44,10 +44,9 @@ import triton.language as tl
 
 from minilora.kernels import MAX_RANK
 
-# ----------------------------------------------------------------------------------------------
-# Configs: fixed, chosen per kernel and M bucket (no autotune, so every config used on the GPU
-# is known and compiled for sm_90 in the tests). The H100 numbers are starting points, untuned.
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- configs
+# Fixed, chosen per kernel and M bucket (no autotune, so every config used on the GPU is known and
+# compiled for sm_90 in the tests). The H100 numbers are starting points, untuned.
 
 
 @dataclass(frozen=True)
@@ -115,10 +114,8 @@ def rank_block(r: int) -> int:
 
 
 def seed_rank_block(block_r: int) -> int:
-    """The rank chunk of the seeded GEMM's seed loop (S Bᵀ or dU A, 64 ranks at a time).
-
-    16 under the interpreter, so that small test ranks already take several chunks.
-    """
+    """The rank chunk of the seeded GEMM's seed loop (S Bᵀ or dU A): 64 ranks at a time, 16 under
+    the interpreter, so that small test ranks already take several chunks."""
     return min(block_r, 16 if INTERPRET else 64)
 
 
@@ -151,9 +148,7 @@ def config_for(kernel: str, m: int, block_r: int, elem_bytes: int = 2) -> Config
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
@@ -400,9 +395,8 @@ def _grad_a_kernel(
              + offs_k[:, None] * stride_dak, acc, mask=k_ok[:, None] & r_ok[None, :])
 
 
-# ----------------------------------------------------------------------------------------------
-# Launchers: check inputs, allocate outputs, build grids.
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- launchers
+# Check inputs, allocate outputs, build grids.
 
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -413,12 +407,11 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _check_device(**tensors: torch.Tensor | None) -> None:
+def check_device(**tensors: torch.Tensor | None) -> None:
+    """Raise unless the given tensors (None skipped) share one device the kernels can run on."""
     named = [(name, t) for name, t in tensors.items() if t is not None]
     first_name, first = named[0]
     for name, t in named[1:]:
@@ -431,7 +424,7 @@ def _check_device(**tensors: torch.Tensor | None) -> None:
 
 
 def _check_forward_inputs(x, weight, bias, A, B, seed) -> None:
-    _check_device(x=x, weight=weight, bias=bias, A=A, B=B, seed=seed)
+    check_device(x=x, weight=weight, bias=bias, A=A, B=B, seed=seed)
     if x.dim() != 2 or weight.dim() != 2 or A.dim() != 2 or B.dim() != 2:
         raise ValueError(f"expected 2-D x, weight, A, B; got shapes {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
@@ -441,7 +434,7 @@ def _check_forward_inputs(x, weight, bias, A, B, seed) -> None:
     for name, t in (("A", A), ("B", B), ("bias", bias)):
         if t is not None and t.dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
-    (M, K), (N, K_w), (r, K_a), (N_b, r_b) = x.shape, weight.shape, A.shape, B.shape
+    (_, K), (N, K_w), (r, K_a), (N_b, r_b) = x.shape, weight.shape, A.shape, B.shape
     if K_w != K or K_a != K:
         raise ValueError(f"in_features mismatch: x has K={K}, weight {tuple(weight.shape)} "
                          f"and A {tuple(A.shape)} must have K columns")
@@ -451,15 +444,6 @@ def _check_forward_inputs(x, weight, bias, A, B, seed) -> None:
         raise ValueError(f"rank r={r} is outside the supported range 1..{MAX_RANK}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-
-
-def forward_path(m: int, path: str = "auto") -> str:
-    """Which forward kernels run for M rows: "fused" (one kernel) or "split" (shrink + GEMM)."""
-    if path not in ("auto", "fused", "split"):
-        raise ValueError(f"path must be 'auto', 'fused' or 'split', got {path!r}")
-    if path == "auto":
-        return "fused" if m <= FUSED_MAX_M else "split"
-    return path
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -489,7 +473,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A:
     seed_arg = seed if seed is not None else x
     precision = _dot_precision(x.dtype)
     common = dict(DROPOUT=p > 0.0, DOT_PRECISION=precision, BLOCK_R=rank_block(r))
-    if forward_path(M, path) == "fused":
+    if path not in ("auto", "fused", "split"):
+        raise ValueError(f"path must be 'auto', 'fused' or 'split', got {path!r}")
+    if path == "fused" or (path == "auto" and M <= FUSED_MAX_M):  # one kernel, else shrink + GEMM
         cfg = config_for("fused", M, rank_block(r), x.element_size())
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n))
         _fused_forward_kernel[grid](
@@ -567,7 +553,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.T
 
 def _check_backward_inputs(dy, x, weight, A, B, s, seed) -> None:
     _check_forward_inputs(x, weight, None, A, B, seed)
-    _check_device(x=x, dy=dy, s=s)
+    check_device(x=x, dy=dy, s=s)
     (M, _), N, r = x.shape, weight.shape[0], A.shape[0]
     if tuple(dy.shape) != (M, N) or dy.dtype != x.dtype:
         raise ValueError(f"dy must be ({M}, {N}) {x.dtype}, got {tuple(dy.shape)} {dy.dtype}")

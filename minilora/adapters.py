@@ -39,7 +39,7 @@ def _apply_active(model: nn.Module, active: tuple[str, ...]) -> None:
 
 # ---------------------------------------------------------------- switching and deleting
 def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> nn.Module:
-    """Make ``name_or_names`` the active adapter(s); several add their deltas (as peft).
+    """Make ``name_or_names`` the active adapter(s); several add their deltas.
 
     The active adapters' parameters become trainable (unless an active config has
     ``inference_mode``), all others frozen. modules_to_save wrappers run the copy of the active
@@ -85,8 +85,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
     A LoRA layer (or modules_to_save wrapper) left with no adapter is replaced by the plain base
     module, so deleting every adapter gives back the model's original module tree and state-dict
-    keys. If the deleted adapter was active, the other
-    active ones stay; if none is left, the first remaining adapter becomes active (as peft).
+    keys. If the deleted adapter was active, the other active ones stay; if none is left, the first
+    remaining adapter becomes active.
 
     Raises:
         ValueError: unknown adapter, or the adapter is merged into the weights (unmerge first).
@@ -151,12 +151,8 @@ def _combine_svd(sources, weights, rank, clamp=None):
 COMBINATIONS = {"cat": _combine_cat, "linear": _combine_linear, "svd": _combine_svd}
 
 
-def _config_rank(config: LoraConfig) -> int:
-    return max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r
-
-
 def _new_rank(configs: list[LoraConfig], combination_type: str, svd_rank: int | None) -> int:
-    ranks = [_config_rank(c) for c in configs]
+    ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
     if combination_type == "linear":
         if len(set(ranks)) > 1:
             raise ValueError(f"combination_type='linear' needs adapters of one rank, got {ranks}; use 'cat' or 'svd'")
@@ -199,9 +195,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     adapters = [adapters] if isinstance(adapters, str) else list(adapters)
     state = require_state(model, "add_weighted_adapter", adapters)
     weights = [weights] if isinstance(weights, (int, float)) else list(weights)
-    _check_request(model, state, adapters, weights, adapter_name, combination_type)
-    combination_type = "linear" if len(adapters) == 1 else combination_type
     configs = [state.configs[a] for a in adapters]
+    _check_request(model, configs, adapters, weights, adapter_name, combination_type)
+    combination_type = "linear" if len(adapters) == 1 else combination_type
     rank = _new_rank(configs, combination_type, svd_rank)
 
     # Plan: read everything, raise before changing anything.
@@ -229,7 +225,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     return model
 
 
-def _check_request(model: nn.Module, state, adapters: list[str], weights: list, adapter_name: str,
+def _check_request(model: nn.Module, configs: list[LoraConfig], adapters: list[str], weights: list, adapter_name: str,
                    combination_type: str) -> None:
     """add_weighted_adapter's arguments and source configs, checked before any layer is read."""
     if not adapters:
@@ -246,7 +242,6 @@ def _check_request(model: nn.Module, state, adapters: list[str], weights: list, 
     if combination_type not in COMBINATIONS:
         raise ValueError(f"add_weighted_adapter: combination_type={combination_type!r} is not supported; "
                          f"choose one of {sorted(COMBINATIONS)}")
-    configs = [state.configs[a] for a in adapters]
     if len({isinstance(c.target_modules, str) for c in configs}) > 1:
         raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
     dora = [a for a, c in zip(adapters, configs) if c.use_dora]
@@ -260,7 +255,7 @@ def _check_request(model: nn.Module, state, adapters: list[str], weights: list, 
 def _combine_layer(layer: LoraLayer, adapters: list[str], weights: list[float], combine, rank: int,
                    extra: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One layer's combined (B (out, rank'), A (rank', in...), lora_bias or None), in fp32 or wider.
-    A source absent from the layer contributes nothing; conv factors are combined as matrices."""
+    Conv factors are combined as matrices."""
     present = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
     dtype = torch.promote_types(present[0][0].lora_B.dtype, torch.float32)
     sources = [(ad.lora_B.flatten(1).to(dtype), ad.lora_A.flatten(1).to(dtype), ad.scaling) for ad, _ in present]
@@ -292,13 +287,6 @@ def _add_combined(layer: LoraLayer, name: str, config: LoraConfig, B: torch.Tens
 
 
 # ---------------------------------------------------------------- one adapter per row
-def _first_tensor(args, kwargs) -> torch.Tensor | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
-
-
 @contextlib.contextmanager
 def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
     """Inside the block, batch row i runs with adapter ``names[i]`` (``"__base__"``: none).
@@ -328,7 +316,7 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
         if module.training:
             raise ValueError("per_sample_adapters runs inference only; the model was put in training mode inside "
                              "the block: call model.eval()")
-        first = _first_tensor(args, kwargs)
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
         if first is not None and (first.dim() == 0 or first.shape[0] != len(names)):
             found = "a scalar" if first.dim() == 0 else f"a batch of {first.shape[0]} rows"
             raise ValueError(f"per_sample_adapters got {len(names)} adapter names but the model input is {found}; "

@@ -17,16 +17,14 @@ import torch.nn as nn
 from minilora.config import LoraConfig
 from minilora.layers import (SUPPORTED_TYPES, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear,
                              lora_layer_class, unsupported_reason)
-from minilora.matching import (closest_names, is_target, matches_name,
-                               unmatched_targets)
+from minilora.matching import closest_names, is_target, matches_name, unmatched_targets
 from minilora.modules_to_save import ModulesToSave
 from minilora.patterns import time_budget
 from minilora.tree import hosts, input_requires_grad, set_active, swap, walk
 
 __all__ = ["inject", "find_targets", "adapted_modules", "lora_layers", "trainable_parameters",
            "print_trainable_parameters", "unload", "LoraState", "Untied", "lora_state", "require_state",
-           "update_trainable",
-           "adapter_name_problem", "BASE_ADAPTER"]
+           "update_trainable", "adapter_name_problem", "BASE_ADAPTER"]
 
 BASE_ADAPTER = "__base__"  # the reserved name for "no adapter" in mixed batches
 _SEQ_CLS_HEADS = ("classifier", "score")
@@ -99,24 +97,14 @@ def _expand_all_linear(model: nn.Module, modules: list[tuple[str, nn.Module]]) -
         cls = lora_layer_class(module)
         return (cls is not None and issubclass(cls, LoraLinear)) or unsupported_reason(module) is not None
 
-    linear = [n for n, m in modules if linear_like(_base_type(m))]
-    skip: set[str] = set()
     out_emb = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if isinstance(out_emb, nn.Module):
-        skip.update(n for n, m in modules if m is out_emb or _base_type(m) is out_emb)
-    return [n for n in linear if n not in skip]
+    return [n for n, m in modules
+            if linear_like(_base_type(m)) and out_emb is not m and out_emb is not _base_type(m)]
 
 
 def _closest_hint(target: str, names: list[str]) -> str:
     close = closest_names(target, names)
     return f"{target!r} (closest: {', '.join(close)})" if close else f"{target!r} (nothing similar)"
-
-
-def _modules_to_save(config: LoraConfig, names: list[str]) -> list[str]:
-    wanted = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS":  # peft's sequence-classification model trains its head too
-        wanted += [h for h in _SEQ_CLS_HEADS if h in names and h not in wanted]
-    return wanted
 
 
 def adapter_name_problem(model: nn.Module, name: object) -> str | None:
@@ -152,7 +140,9 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
                          "targets=['q_proj', 'v_proj'], a regex string, or 'all-linear'")
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _expand_all_linear(model, modules)
-    save_names = _modules_to_save(config, names)
+    save_names = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":  # peft's sequence-classification model trains its head too
+        save_names += [h for h in _SEQ_CLS_HEADS if h in names and h not in save_names]
     matching = config if save_names == (config.modules_to_save or []) else config.replace(modules_to_save=save_names)
     chosen = _choose_targets(modules, config, matching, targets, notes)
     _check_matched(modules, names, config, chosen, notes)
@@ -226,10 +216,10 @@ def _check_matched(modules: list[tuple[str, nn.Module]], names: list[str], confi
             notes.append("target_modules entries matched no module and were skipped: "
                          + "; ".join(_closest_hint(t, names) for t in missing))
     if not chosen:
-        what = repr(config.target_modules)
         linear = [n for n, m in modules if lora_layer_class(_base_type(m)) is not None][:5]
-        raise ValueError(f"target_modules={what} selects no module that LoRA can adapt (after exclude_modules, "
-                         f"modules_to_save and layers_to_transform); adaptable modules include {linear}")
+        raise ValueError(f"target_modules={config.target_modules!r} selects no module that LoRA can adapt (after "
+                         "exclude_modules, modules_to_save and layers_to_transform); adaptable modules include "
+                         f"{linear}")
 
 
 def _check_decomposable(name: str, module: nn.Module, cls: type[LoraLayer], r: int, init: str) -> None:
@@ -316,7 +306,7 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
     names require grad.
 
     ``init_lora_weights="pissa"`` / ``"olora"`` on a layer that already carries adapters
-    decomposes its current weight and leaves the residual under them too, as peft does (warns).
+    decomposes its current weight and leaves the residual under them too (warns).
 
     Raises:
         ValueError: nothing matches (with the closest existing names), a matched module has an
@@ -337,10 +327,7 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
         warnings.warn(note, stacklevel=2)
 
     _apply(model, plan, config, adapter_name)
-    state = lora_state(model)
-    if state is None:
-        state = LoraState()
-        model.minilora_state = state
+    state = model.minilora_state = lora_state(model) or LoraState()
     state.configs[adapter_name] = config
     if not state.active:
         state.active = (adapter_name,)

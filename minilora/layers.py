@@ -14,14 +14,14 @@ value per output, and rescales the running output (see :meth:`LoraLayer.dora_ste
 
     model.layers.0.q_proj.adapters.default.magnitude  (out,)  [ConvNd: (1, out, 1, ...)]
 
-The original base module is kept (unregistered) only for its hyper-parameters and to be put back
-by ``unload``. Those hyper-parameters read through the LoRA layer under the base's names
-(``q_proj.out_features``, ``emb.padding_idx``, ``conv.kernel_size``; also peft's ``in_features`` /
-``out_features`` on every kind), read-only.
+The original base module is kept (unregistered) for its hyper-parameters, which read through
+the LoRA layer under the base's names (``q_proj.out_features``, ``emb.padding_idx``; ``in_features``
+/ ``out_features`` on every kind), read-only, and to be put back by ``unload``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Callable
@@ -70,14 +70,9 @@ class LoraAdapter(nn.Module):
 
 
 def _from_base(attr: str) -> property:
-    """A read-only property giving ``self.base_layer.<attr>``.
-
-    Code written for the plain layer reads its hyper-parameters from whatever sits at its path
-    (transformers' DPR: ``encode_proj.out_features``). A property, not a ``__getattr__`` fallback:
-    torch.compile traces it without a graph break, ``weight`` / ``bias`` stay this layer's own
-    registered parameters, and an assignment raises instead of leaving a stray instance attribute
-    that disagrees with the base and with the adapter factors' shapes.
-    """
+    """A read-only property giving ``self.base_layer.<attr>``, for code written for the plain layer
+    (transformers' DPR: ``encode_proj.out_features``). Not a ``__getattr__`` fallback: compile traces
+    it without a graph break, and an assignment raises instead of leaving a stray attribute."""
 
     def get(layer: LoraLayer) -> object:
         return getattr(layer.base_layer, attr)
@@ -88,11 +83,6 @@ def _from_base(attr: str) -> property:
                              f"minilora.inject, or after minilora.unload")
 
     return property(get, refuse, doc=f"The base layer's ``{attr}`` (read-only).")
-
-
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # As peft: adapters stay fp32 over a bf16/fp16 base (training stability); fp64 stays fp64.
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class LoraLayer(AdapterHost):
@@ -112,8 +102,7 @@ class LoraLayer(AdapterHost):
     transposed = False
     #: whether use_dora=True can be built on this kind (inject refuses it before changing anything).
     supports_dora = True
-    #: cast each branch to the output dtype before adding it (peft's order for quantized bases),
-    #: instead of adding in the wider dtype and rounding once.
+    #: cast each branch to the output dtype before adding it, instead of adding wide and rounding once.
     round_branch_first = False
 
     def __init__(self, base: nn.Module) -> None:
@@ -145,10 +134,10 @@ class LoraLayer(AdapterHost):
         problem = self.rank_problem(self.base_layer, r)
         if problem:
             raise ValueError(problem)
-        A_shape, B_shape = self.factor_shapes(r)
-        adapter = LoraAdapter(A_shape, B_shape, r=r, alpha=alpha, scaling=scaling, dropout=dropout,
-                              lora_bias=lora_bias, dtype=_adapter_dtype(self.weight),
-                              device=self.weight.device,
+        # fp32 adapters over a bf16/fp16 base (training stability); fp64 stays fp64.
+        dtype = self.weight.dtype if self.weight.dtype in (torch.float32, torch.float64) else torch.float32
+        adapter = LoraAdapter(*self.factor_shapes(r), r=r, alpha=alpha, scaling=scaling, dropout=dropout,
+                              lora_bias=lora_bias, dtype=dtype, device=self.weight.device,
                               magnitude_shape=self.magnitude_shape() if use_dora else None)
         adapter.train(self.training)
         self.adapters[name] = adapter
@@ -223,15 +212,14 @@ class LoraLayer(AdapterHost):
         return self.lora_term(adapter, x)
 
     def dora_step(self, adapter: LoraAdapter, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """peft's DoRA update of the running output ``y`` (the base output, bias included, plus
-        the adapters before this one), with g = m / ‖W + sBA‖ (a constant for autograd)::
+        """DoRA's update of the running output ``y`` (the base output, bias included, plus the
+        adapters before this one), with g = m / ‖W + sBA‖ (a constant for autograd)::
 
             y + (g - 1) · base + g · s · B(A(x'))
 
-        Without dropout (or in eval) x' = x and base = y - bias, so the result is
-        bias + g ⊙ (y - bias + s·B A x): DoRA's (m / ‖W + sBA‖) ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + bias for a
-        lone adapter. With dropout in training, as in peft, x' = dropout(x) and base is x' Wᵀ,
-        computed in the weight's dtype.
+        Without dropout (or in eval) x' = x and base = y - bias: for a lone adapter, DoRA's
+        (m / ‖W + sBA‖) ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + bias. With dropout in training x' = dropout(x) and
+        base = x' Wᵀ, computed in the weight's dtype.
         """
         g = adapter.magnitude / self.dora_norm(adapter)
         x = x.to(adapter.lora_A.dtype)
@@ -276,11 +264,8 @@ class LoraLayer(AdapterHost):
         return None
 
     def merged_weights(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight and bias with ``names`` added, computed in ``merge_dtype`` (fp32; fp64 for an
-        fp64 weight), rounded once."""
-        problem = self.merge_problem(names)
-        if problem:
-            raise ValueError(f"cannot merge: {problem}")
+        """The weight and bias with ``names`` added, computed in ``merge_dtype``, rounded once.
+        The callers have asked ``merge_problem``."""
         weight, bias = self._dense_weight(), None if self.bias is None else self.bias.detach()
         unmerged = None  # the weight without merged adapters, for DoRA's norms (as forward sees it)
         for name in names:
@@ -472,11 +457,8 @@ class LoraConv1D(LoraLinear):
 
 
 class LoraEmbedding(LoraLayer):
-    """LoRA on ``nn.Embedding``: ids (...) -> (..., dim); A (r, num), B (dim, r).
-
-    As in peft and loralib, A starts at zero and B random, and dropout (on integer ids) is not
-    applied.
-    """
+    """LoRA on ``nn.Embedding``: ids (...) -> (..., dim); A (r, num), B (dim, r). A starts at zero
+    and B random; dropout (on integer ids) is not applied."""
 
     init_on_A = False
     transposed = True  # DoRA's outputs are the embedding dims: the norm runs over tokens
@@ -521,8 +503,7 @@ class LoraEmbedding(LoraLayer):
 
 class LoraConv(LoraLayer):
     """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel, stride, padding, dilation
-    and padding mode; B is a 1x.. conv with the
-    base's groups. Weight (out, in // groups, *kernel)."""
+    and padding mode; B is a 1x.. conv with the base's groups. Weight (out, in // groups, *kernel)."""
 
     in_channels = _from_base("in_channels")
     out_channels = _from_base("out_channels")
@@ -582,9 +563,8 @@ class LoraConv(LoraLayer):
     def dora_direct_norm(self, adapter, weight):
         if self.base_layer.groups == 1:
             return super().dora_direct_norm(adapter, weight)
-        # A grouped conv's LoRA (A mixes all channels) has no weight of the base's shape. peft
-        # defines DoRA's norm there with B (out, r/g) read as (out/g, r) times A (r, in·k) reshaped
-        # to the weight's shape; minilora takes that definition so peft's adapters give peft's outputs.
+        # A grouped conv's LoRA (A mixes all channels) has no weight of the base's shape: the norm
+        # reads B (out, r/g) as (out/g, r), times A (r, in·k), reshaped to the weight's shape.
         dtype = merge_dtype(weight.dtype)
         r = adapter.lora_A.shape[0]
         lora = (adapter.lora_B.to(dtype).reshape(-1, r) @ adapter.lora_A.to(dtype).reshape(r, -1))
@@ -607,24 +587,15 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 # ---------------------------------------------------------------- initialisation schemes
-def _zero_other(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    nn.init.zeros_(adapter.lora_B if layer.init_on_A else adapter.lora_A)
-
-
-def _init_kaiming(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    if layer.init_on_A:
-        nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
-    else:
+def _init_default(layer: LoraLayer, adapter: LoraAdapter, gaussian: bool = False) -> None:
+    # The large factor random (kaiming, or gaussian with std 1/r), the other zero.
+    if not layer.init_on_A:
         nn.init.normal_(adapter.lora_B)
-    _zero_other(layer, adapter)
-
-
-def _init_gaussian(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    if layer.init_on_A:
+    elif gaussian:
         nn.init.normal_(adapter.lora_A, std=1 / adapter.r)
     else:
-        nn.init.normal_(adapter.lora_B)
-    _zero_other(layer, adapter)
+        nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+    nn.init.zeros_(adapter.lora_B if layer.init_on_A else adapter.lora_A)
 
 
 def _init_random(layer: LoraLayer, adapter: LoraAdapter) -> None:
@@ -670,18 +641,12 @@ def _set_factors_and_residual(layer, adapter, A, B, weight):
 
 
 _INIT: dict[bool | str, Callable[[LoraLayer, LoraAdapter], None]] = {
-    True: _init_kaiming, "gaussian": _init_gaussian, False: _init_random,
+    True: _init_default, "gaussian": functools.partial(_init_default, gaussian=True), False: _init_random,
     "pissa": _init_pissa, "olora": _init_olora,
 }
 
 
 # ---------------------------------------------------------------- which layer for which module
-def _conv1d_type() -> type | None:
-    # A model holding a Conv1D has imported transformers already; never import it just to look.
-    utils = sys.modules.get("transformers.pytorch_utils")
-    return getattr(utils, "Conv1D", None)
-
-
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a module of a supported base type must still not be wrapped, or None.
 
@@ -716,14 +681,10 @@ def lora_layer_class(module: nn.Module) -> type[LoraLayer] | None:
         return quantized
     if unsupported_reason(module) is not None:
         return None
-    conv1d = _conv1d_type()
-    table: list[tuple[type | tuple[type, ...], type[LoraLayer]]] = [
-        (nn.Linear, LoraLinear), (nn.Embedding, LoraEmbedding),
-        ((nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv),
-    ]
-    if conv1d is not None:
-        table.append((conv1d, LoraConv1D))
-    for types, cls in table:
+    # A model holding a Conv1D has imported transformers already; never import it just to look.
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", ())
+    for types, cls in ((nn.Linear, LoraLinear), (nn.Embedding, LoraEmbedding),
+                       ((nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv), (conv1d, LoraConv1D)):
         if isinstance(module, types):
             return cls
     return None

@@ -25,10 +25,8 @@ def _names(model: nn.Module, adapter_names: Sequence[str] | str | None, what: st
 
 
 def _untie_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
-    # A LoRA layer whose weight is also another module's (tied embeddings) must not merge into
-    # the shared tensor: that would change the other module too. Give it its own copy, and
-    # remember the shared one in the model's state (a plain reference: registering it on the
-    # layer would add a stray key to every state dict).
+    # A LoRA layer whose weight is also another module's (tied embeddings) gets its own copy before
+    # merging; the shared one is kept in the model's state (on the layer it would be a state-dict key).
     owners: dict[int, int] = {}
     for _, module in walk(model):
         for p in module._parameters.values():

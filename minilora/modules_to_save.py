@@ -61,20 +61,18 @@ class ModulesToSave(AdapterHost):
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
             rows = groups.get(id(module), (module, ()))[1] + names.rows_of(name)
             groups[id(module)] = (module, tuple(sorted(rows)))
+
+        def pick(value: Any, rows: tuple[int, ...]) -> Any:
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                return value
+            if value.shape[0] != len(names):
+                raise ValueError(f"per-row adapters: an input has {value.shape[0]} rows, but "
+                                 f"{len(names)} row adapters were given")
+            return value.index_select(0, names.index(rows, value.device))
+
         out = None
         for module, rows in groups.values():
-            part_args, part_kwargs = [], {}
-            for key, value in [*enumerate(args), *kwargs.items()]:
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    if value.shape[0] != len(names):
-                        raise ValueError(f"per-row adapters: an input has {value.shape[0]} rows, but "
-                                         f"{len(names)} row adapters were given")
-                    value = value.index_select(0, names.index(rows, value.device))
-                if isinstance(key, int):
-                    part_args.append(value)
-                else:
-                    part_kwargs[key] = value
-            part = module(*part_args, **part_kwargs)
+            part = module(*(pick(v, rows) for v in args), **{k: pick(v, rows) for k, v in kwargs.items()})
             if not isinstance(part, torch.Tensor):
                 raise TypeError(f"per-row adapters need a module returning a tensor; "
                                 f"{type(module).__name__} returned {type(part).__name__}")

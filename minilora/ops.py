@@ -6,19 +6,11 @@
 
     x: (..., K)   W0: (N, K)   bias: (N,) or None   A: (r, K)   B: (N, r)   s = scaling
 
-The adapter factors may be in a wider dtype than the base (fp32 adapters over a bf16 base, as
-peft does): the LoRA branch runs in the adapter dtype and the sum is cast back to the base dtype,
-in the same order of operations as peft so that both give bit-identical results.
-
-``lora_linear`` dispatches: the fused Triton kernels (``minilora.kernels``) when x is on CUDA,
-Triton imports and the dtype is supported; otherwise the reference. The kernels run the LoRA
-branch in the base dtype with fp32 accumulation (fp32 adapters are cast to bf16 on load, as
-autocast would), so over a bf16 base they match peft within bf16 rounding, not bit for bit;
-docs/kernels.md gives the bounds. Inside an autocast region whose dtype is not the base
-weight's (an fp32 model under bf16 autocast), the reference runs, so autocast decides the
-precision exactly as it does for peft. ``MINILORA_BACKEND=torch``
-or ``=triton`` in the environment (read once, at import), ``set_backend(...)`` later, or
-``backend=`` per call, forces a path.
+Adapters may be wider than the base (fp32 over bf16): the branch runs in the adapter dtype and
+the sum is cast back to the base dtype once. ``lora_linear`` runs the fused Triton kernels
+(``minilora.kernels``: the branch in the base dtype, fp32 accumulation; docs/kernels.md gives the
+bounds) where ``backend_for`` allows them, else the reference. ``MINILORA_BACKEND=torch|triton``
+(read once, at import), ``set_backend(...)`` or ``backend=`` per call forces a path.
 """
 
 from __future__ import annotations
@@ -57,7 +49,7 @@ def lora_branch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: floa
     """s · (B(A(dropout(x))) + lora_bias) in the adapter dtype.
 
     Args:
-        x: (..., K) input, any float dtype; cast to A's dtype first (as peft).
+        x: (..., K) input, any float dtype; cast to A's dtype first.
         A: (r, K). B: (N, r). lora_bias: (N,) or None (peft's ``lora_bias=True``).
     Returns:
         (..., N) in A's dtype.
@@ -73,15 +65,8 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                           dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """The pure-PyTorch LoRA linear: (..., K) -> (..., N) in the base dtype."""
     result = F.linear(x, weight, bias)
-    # Adding the (possibly fp32) branch promotes; the single cast back is peft's rounding point.
+    # Adding the (possibly fp32) branch promotes; the single cast back is the one rounding point.
     return (result + lora_branch(x, A, B, scaling, dropout_p, training)).to(result.dtype)
-
-
-def _autocast_recasts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True inside an autocast region that would run F.linear in another dtype than the weight's:
-    the custom op has no autocast rule, so the kernels would silently compute in the model dtype."""
-    device = x.device.type
-    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != weight.dtype
 
 
 def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None,
@@ -92,18 +77,19 @@ def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = Non
         raise ValueError(f"MINILORA_BACKEND / backend must be one of {_BACKENDS}, got {choice!r}")
     if choice == "torch":
         return "torch"
-    # The kernels compute in the base dtype and treat the base weight as frozen.
+    # The kernels compute in the base dtype and treat the base weight as frozen. The custom op has
+    # no autocast rule: under autocast to another dtype they would silently compute in the model's.
+    device = x.device.type
     usable = (x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
               and x.dtype == weight.dtype and not weight.requires_grad and rank <= kernels.MAX_RANK
-              and not _autocast_recasts(x, weight))
-    usable = usable and kernels.available()  # finds triton without importing it
+              and not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != weight.dtype)
+              and kernels.available())  # finds triton without importing it
     if choice == "triton" and not usable:
         raise RuntimeError(
-            "backend 'triton' was forced but cannot run here: it needs x on a CUDA device, "
-            "x and a frozen (requires_grad=False) weight of one dtype among fp16/bf16/fp32 "
-            "(and, inside autocast, the autocast dtype), "
-            f"a rank of at most {kernels.MAX_RANK}, "
-            "and an importable triton (pip install minilora[triton])")
+            "backend 'triton' was forced but cannot run here: it needs x on a CUDA device, x and a frozen "
+            "(requires_grad=False) weight of one dtype among fp16/bf16/fp32 (and, inside autocast, the "
+            f"autocast dtype), a rank of at most {kernels.MAX_RANK}, and an importable triton (pip install "
+            "minilora[triton])")
     return "triton" if usable else "torch"
 
 
@@ -118,10 +104,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _lora_linear_torch(x, weight, bias, A, B, scaling, dropout_p, training):
-    """The PyTorch path: the reference, except when everything shares one dtype, where the
-    branch goes straight into the base output with one in-place ``addmm_`` (scale folded into
-    the GEMM's alpha): no (M, N) temporaries for B·S, its scaling and the sum. Differs from the
-    reference only by fp rounding (GEMM order), within 1 ulp-ish of fp32."""
+    """The reference, except when everything shares one dtype: then one in-place ``addmm_`` (scale
+    as alpha) adds the branch, without (M, N) temporaries; differs only by GEMM-order rounding."""
     # Under autocast F.linear runs in bf16/fp16 while addmm_ would not: use the reference there.
     if not (x.dtype == weight.dtype == A.dtype == B.dtype) or torch.is_autocast_enabled(x.device.type):
         return lora_linear_reference(x, weight, bias, A, B, scaling, dropout_p, training)
@@ -143,11 +127,8 @@ def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype, *, transposed: bool = False,
                rows: slice = slice(None)) -> torch.Tensor:
-    """s·B@A in ``dtype``, in the weight's stored layout: the one formula of every merge.
-
-    ``LoraLayer.delta_weight`` calls it for the whole weight, the offline merge for one
-    ``row_blocks`` block at a time; a block's rows are the whole product's rows (see row_blocks),
-    so both merges get the same bits.
+    """s·B@A in ``dtype``, in the weight's stored layout: the one formula of every merge (whole, or
+    one ``row_blocks`` block at a time by the offline merge: the same bits, see row_blocks).
 
     Args:
         A: (r, in) for Linear / Conv1D / Embedding; (r, in, *kernel) for a ConvNd.
@@ -198,8 +179,7 @@ def dora_merge_norm(blocks: Iterable[torch.Tensor], transposed: bool) -> torch.T
             Linear and ConvNd; (in, out) when ``transposed`` (Conv1D, fan_in_fan_out, Embedding,
             whose outputs are the embedding dims).
     Returns:
-        (out,) in the blocks' dtype. The in-memory and the offline merge both sum over the same
-        blocks in the same order, so they get the same bits.
+        (out,) in the blocks' dtype; the same bits for the same blocks in the same order.
     """
     parts: list[torch.Tensor] = []
     total = None
@@ -237,11 +217,6 @@ def dora_dot_chunk(K: int) -> int:
     return max(1, min(DORA_DOT_CHUNK, K), -(-K // _MAX_CHUNKS))
 
 
-def _wide_dtype(device: torch.device) -> torch.dtype:
-    """float64, where DoRA's norms finish; MPS has none, so float32 there."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 @torch.no_grad()
 def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
               transposed: bool = False) -> torch.Tensor:
@@ -258,11 +233,8 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     the bound is at most DORA_FALLBACK·γ_{in+2r+5} of its norm²: within 4× the worst case of a
     plain fp32 sum of that length. Otherwise W_i and s·Δ_i nearly cancel, and the row is
     recomputed directly from W_i + s·B_i A in float64, so every norm is about as accurate as its
-    inputs allow (peft's fp32 sum is not). Deciding that is one ``.any()``: a host sync on CUDA.
-
-    Under torch.compile every row is formed directly instead, in blocks of rows (no branch on
-    data, so the model stays one graph; inductor fuses each block's add, square and sum): the
-    same cost as the identity, as accurate as peft's fp32 sum.
+    inputs allow. Deciding that is one ``.any()``: a host sync on CUDA. Under torch.compile every
+    row is formed directly in ``merge_dtype``, blocks of rows at a time (no branch on data: one graph).
 
     Args:
         weight: (out, in), or (in, out) stored when ``transposed``. A: (r, in). B: (out, r).
@@ -274,7 +246,7 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     rows = weight.T if transposed else weight  # (out, in) view
     if torch.compiler.is_compiling():
         return _direct_norm2(rows, A, B, scaling, dtype).sqrt()
-    wide = _wide_dtype(weight.device)
+    wide = torch.float32 if weight.device.type == "mps" else torch.float64  # MPS has no float64
     n_out, K = rows.shape
     r, c = A.shape[0], dora_dot_chunk(K)
     WA = B.new_empty(n_out, r, dtype=wide)  # W Aᵀ
@@ -297,8 +269,7 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     # sum of squares overflowed (float64 holds the row's norm)
     bad = ~(norm2 * (DORA_FALLBACK * (K + 2 * r + 5) / m) >= scale) | w2.isinf()
     if bad.any():
-        # These rows cancel: their digits come from forming W_i + s·B_i A itself, in float64, a
-        # block of rows at a time (at most 1/8 of the weight and 256K elements).
+        # These rows cancel: their digits come from forming W_i + s·B_i A itself, in float64.
         idx = bad.nonzero().squeeze(1)
         for part in _small_blocks(tuple(rows.shape), len(idx)):
             norm2[idx[part]] = _direct_norm2(rows[idx[part]], A, B[idx[part]], scaling, wide)
@@ -306,10 +277,9 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
 
 
 def _row_norms2(weight: torch.Tensor, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
-    """‖W_i‖² (out,) as float64, from fp32 sums over blocks of stored rows (each cast on its own, at
-    most 1/8 of the weight and 256K elements: never a weight-sized temporary). For a ``transposed``
-    weight each block's squares are summed down its columns: a reduction across the inner dim is
-    ~40x slower on the CPU than along it."""
+    """‖W_i‖² (out,) as float64, from fp32 sums over ``_small_blocks`` of stored rows, each cast on its
+    own. A ``transposed`` weight's blocks are summed down their columns: a reduction across the inner
+    dim is ~40x slower on the CPU than along it."""
     if weight.dtype == dtype and not transposed:
         return torch.linalg.vector_norm(weight, dim=1).square().double()
     sums = []
@@ -349,9 +319,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 backend: str | None = None) -> torch.Tensor:
     """DoRA linear without dropout, all tensors of one dtype: (m / ‖W + sBA‖) ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias.
 
-    The unscaled sum comes from ``lora_linear`` (the fused kernels on CUDA, unchanged), and the
-    column scale is one ``addcmul`` after it, so the kernels need no DoRA variant to be right.
-    Equal, in real arithmetic, to peft's ``result + (g - 1)·(result - bias) + g·s·lora``.
+    The unscaled sum comes from ``lora_linear`` (the fused kernels on CUDA), the column scale from
+    one ``addcmul`` after it: the kernels need no DoRA variant.
 
     Args:
         x: (..., K). weight: (N, K). bias: (N,) or None. A: (r, K). B: (N, r).

@@ -1,21 +1,15 @@
 """LoRA over bitsandbytes' quantized linears (QLoRA): ``Linear4bit`` (nf4/fp4) and ``Linear8bitLt``.
 
-Imported only when bitsandbytes already is (``layers.lora_layer_class`` looks in ``sys.modules``),
-so the core never needs it. The frozen base stays quantized and runs through its own forward,
-never ``F.linear`` on the packed weight; the LoRA branch runs in the adapter dtype and is cast to
-the base output's dtype before it is added, as peft does (outside autocast), so both give the
-same numbers.
+Imported only when bitsandbytes already is (``layers.lora_layer_class`` looks in ``sys.modules``).
+The frozen base stays quantized and runs its own forward, never ``F.linear`` on the packed weight;
+the LoRA branch is cast to the base output's dtype before it is added (outside autocast).
 
-Layout: as every LoRA layer, the base weight is registered on the LoRA layer under its own name
-(``q_proj.weight``) and the adapters under ``q_proj.adapters.<name>``. bitsandbytes keeps the
-quantization state on the weight object itself, and its module's forward and state-dict hooks
-read it from there, so the base module keeps the same parameter objects (re-linked before every
-use) and the LoRA layer writes and reads its state dict through the base module: the keys
-(``weight``, ``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``, ``SCB``, ...) do not move.
-
-Merging into a quantized weight is lossy (dequantize, add, quantize again), as in peft; the
-warning states the error measured on that layer. The lossless route is ``minilora merge`` on the
-original unquantized checkpoint (docs/guide.md, "QLoRA").
+bitsandbytes keeps the quantization state on the weight object, and its forward and state-dict
+hooks read it there: the base module keeps the LoRA layer's parameter objects (re-linked before
+every use) and the state dict goes through it, so the keys (``weight``, ``weight.absmax``,
+``weight.quant_state.bitsandbytes__nf4``, ``SCB``, ...) do not move. Merging dequantizes, adds and
+requantizes (lossy: the warning states the error on that layer); the lossless route is ``minilora
+merge`` on the unquantized checkpoint (docs/guide.md, "QLoRA").
 """
 
 from __future__ import annotations
@@ -61,7 +55,7 @@ class _QuantizedLinear(LoraLinear):
     module; merges requantize."""
 
     supports_dora = False  # DoRA's norm would dequantize the whole weight every step
-    round_branch_first = True  # peft casts the branch to the output dtype before adding it
+    round_branch_first = True
     fused = False  # the kernels never see a quantized base
 
     def __init__(self, base: nn.Module) -> None:
@@ -69,9 +63,8 @@ class _QuantizedLinear(LoraLinear):
         self._relink()
 
     def _relink(self) -> None:
-        # LoraLayer takes the tensors off the base module; bitsandbytes' forward and state-dict
-        # hooks need them there. The same objects, so there is one copy, and re-linked before each
-        # use because .to() / load_state_dict may have replaced ours.
+        # bitsandbytes' forward and state-dict hooks need the tensors LoraLayer took off the base: the
+        # same objects (one copy), re-linked before each use since .to() / load_state_dict may replace ours.
         self.base_layer._parameters["weight"] = self.weight
         if self.bias is not None:
             self.base_layer._parameters["bias"] = self.bias

@@ -1,9 +1,7 @@
 """The model tree: the modules that host adapters, and walking and swapping them in a model.
 
-Two kinds of module host adapters, both subclasses of :class:`AdapterHost`: the LoRA layers
-(``minilora.layers``) and the modules_to_save wrappers (``minilora.modules_to_save``). Model-level
-code (inject, merge, adapters, checkpoint) switches, disables and removes adapters through this
-one base and never asks which kind a host is.
+The LoRA layers (``minilora.layers``) and the modules_to_save wrappers (``minilora.modules_to_save``)
+are both :class:`AdapterHost` s: model-level code never asks which kind a host is.
 """
 
 from __future__ import annotations
@@ -50,10 +48,9 @@ class AdapterHost(nn.Module):
 
 
 def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) over the model, not descending into adapter hosts (their internals are not
-    the user's modules). A module registered at several paths (one object, e.g. an embedding
-    shared by encoder and decoder) comes once, at its first path, as in ``named_modules()``;
-    ``swap`` keeps every path pointing at the same object."""
+    """(name, module) over the model, not descending into adapter hosts. A module registered at
+    several paths (an embedding shared by encoder and decoder) comes once, at its first path, as in
+    ``named_modules()``; ``swap`` keeps every path pointing at the same object."""
     stack, seen = [("", model)], set()
     while stack:
         name, module = stack.pop()
