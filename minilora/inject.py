@@ -275,8 +275,8 @@ def _tied_groups(modules, save: list[str], lora_names: set[str]) -> list[list[st
         if len(group) > 1 and group not in groups:
             clash = [g for g in group if g in lora_names]
             if clash:
-                raise ValueError(f"{clash[0]!r} shares its weight with {name!r} (tied embeddings) and cannot carry LoRA "
-                                 f"(from this adapter or an earlier one) while {name!r} is trained in full; "
+                raise ValueError(f"{clash[0]!r} shares its weight with {name!r} (tied embeddings) and cannot "
+                                 f"carry LoRA (from this adapter or an earlier one) while {name!r} is trained in full; "
                                  "drop one of them")
             groups.append(group)
     return groups

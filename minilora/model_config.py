@@ -213,7 +213,8 @@ def _describe(module: nn.Module) -> str:
     if cls is LoraEmbedding:
         return f"Embedding {w.shape[0]}x{w.shape[1]}"
     if cls is LoraConv:
-        return f"{type(module).__name__} {module.in_channels}->{module.out_channels} k{'x'.join(map(str, module.kernel_size))}"
+        kernel = "x".join(map(str, module.kernel_size))
+        return f"{type(module).__name__} {module.in_channels}->{module.out_channels} k{kernel}"
     return f"{type(module).__name__} {w.shape[1]}->{w.shape[0]}"
 
 

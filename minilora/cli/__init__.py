@@ -2,7 +2,7 @@
 
 Each subcommand imports transformers / matplotlib inside its ``run``, so ``minilora --help``
 costs no more than ``import minilora``. A failure is one line on stderr (``--debug``: the
-traceback): errors meant for users (``CliError``, ``ValueError``, ``OSError``) as they are,
+traceback): errors meant for users (``ValueError``, ``OSError``) as they are,
 anything else as an internal error, so that a bad input no check caught yet shows.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from minilora.model_config import one_line
 
-__all__ = ["main", "CliError", "one_line"]
+__all__ = ["main", "one_line"]
 
 #: exit codes: 1 for a failed command, 2 for a bad command line (argparse's convention).
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -27,10 +27,6 @@ _SUBCOMMANDS = {
     "inspect": "list the modules LoRA can adapt and what a targets spec selects",
     "bench": "where the benchmarks live and how to run them",
 }
-
-
-class CliError(Exception):
-    """A user-facing failure: its message is printed as is, without a traceback."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +55,7 @@ def _message(err: Exception) -> str:
         # raised by the system: "[Errno 13] Permission denied: 'x'" -> "x: Permission denied"
         paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
         return f"{paths}: {err.strerror}" if paths else err.strerror
-    if isinstance(err, (CliError, ValueError, OSError)):
+    if isinstance(err, (ValueError, OSError)):
         return one_line(err)
     return f"internal error, please report: {type(err).__name__}: {one_line(err)}"
 

@@ -21,6 +21,9 @@ import torch.nn as nn
 import minilora
 from minilora.demo.tasks import Settings, Task
 
+__all__ = ["MERGE_TOLERANCE", "Scenario", "scenarios", "evaluate", "train_scenario", "deterministic",
+           "merge_check", "table", "plot", "describe_machine", "markdown", "results"]
+
 MERGE_TOLERANCE = 1e-4  # max |merged - unmerged| logit, relative to the largest logit (fp32)
 
 

@@ -20,6 +20,9 @@ import torch.nn as nn
 from minilora.layers import LoraConv1D, LoraLinear, lora_layer_class
 from minilora.matching import layer_index
 
+__all__ = ["STDLIB_LABELS", "QUICK_LABELS", "docstring_dataset", "split", "Settings", "FULL", "QUICK", "Task",
+           "block_targets", "classification_task", "causal_lm_task"]
+
 
 #: the classes of the default task: which of these modules a docstring comes from.
 STDLIB_LABELS = ("calendar", "collections", "datetime", "decimal", "email.message", "inspect",
