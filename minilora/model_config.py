@@ -18,8 +18,8 @@ import torch.nn as nn
 from minilora.layers import LoraConv, LoraConv1D, LoraEmbedding, lora_layer_class
 from minilora.peft_format import read_json
 
-__all__ = ["CONFIG_FILE", "NotBuildable", "read_model_config", "meta_model", "adaptable_modules", "group_names",
-           "one_line"]
+__all__ = ["CONFIG_FILE", "NotBuildable", "read_model_config", "meta_model", "adaptable_modules",
+           "adaptable_parameters", "group_names", "one_line"]
 
 CONFIG_FILE = "config.json"
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a numeric path segment: model.layers.<3>.mlp
@@ -221,6 +221,22 @@ def _describe(module: nn.Module) -> str:
 def adaptable_modules(model: nn.Module) -> dict[str, str]:
     """Every module LoRA supports, name -> short description, in model order."""
     return {n: _describe(m) for n, m in model.named_modules() if n and lora_layer_class(m) is not None}
+
+
+def adaptable_parameters(model: nn.Module) -> dict[str, str]:
+    """Every 2-D or 3-D parameter outside the modules LoRA adapts as modules (fused MoE expert
+    stacks, custom layers), full name -> shape, in model order: the candidates for
+    ``target_parameters``. A 3-D parameter (experts, ., .) gets one update per expert."""
+    out = {}
+    for name, module in model.named_modules():
+        if lora_layer_class(module) is not None:
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                out[f"{name}.{pname}" if name else pname] = f"{param.shape[0]} experts x {tuple(param.shape[1:])}"
+            elif param.dim() == 2:
+                out[f"{name}.{pname}" if name else pname] = f"Parameter {tuple(param.shape)}"
+    return out
 
 
 def _span(values: list[int]) -> str:

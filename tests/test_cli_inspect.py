@@ -120,3 +120,19 @@ def test_minilm_folder(capsys):
     assert "encoder.layer.{0..5}.intermediate.dense Linear 384->1536 x6" in lines
     assert "embeddings.word_embeddings Embedding 30522x384 x1" in lines
     assert trainable_line("\n".join(lines))[0] == 6 * 2 * 8 * (384 + 384)
+
+
+def test_moe_expert_parameters_listed(tmp_path, capsys):
+    """Fused expert stacks (transformers v5 MoE) are 3-D parameters, not modules: listed as
+    target_parameters candidates with their expert count and per-expert shape."""
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4)
+    out = inspect_cli(capsys, write_config(tmp_path, config, "MixtralForCausalLM"))
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    start = lines.index("parameters LoRA can adapt (target_parameters; a 3-D one gets an update per expert):")
+    listed = lines[start + 1:lines.index("", start)]
+    assert len(listed) == 3, out  # the router's weight is a 2-D parameter too
+    assert "model.layers.{0..2}.mlp.experts.gate_up_proj 4 experts x (48, 16) x3" in listed, out
+    assert "model.layers.{0..2}.mlp.experts.down_proj 4 experts x (16, 24) x3" in listed, out
+    # weights of adaptable modules (q_proj, the embedding) and 1-D norms are not parameter targets
+    assert not any("q_proj" in line or "norm" in line or "embed" in line for line in listed), out

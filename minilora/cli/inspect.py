@@ -10,7 +10,7 @@ import warnings
 from minilora.config import LoraConfig
 from minilora.inject import find_targets, inject, trainable_parameters
 from minilora.matching import closest_names, unmatched_targets
-from minilora.model_config import adaptable_modules, group_names, meta_model
+from minilora.model_config import adaptable_modules, adaptable_parameters, group_names, meta_model
 
 __all__ = ["add_arguments", "run"]
 
@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     total = sum(p.numel() for p in model.parameters())
     print(f"{args.model_dir}: {type(model).__name__}, {total:,d} parameters; modules LoRA can adapt:")
     _print_groups(group_names(described))
+    parameters = adaptable_parameters(model)
+    if parameters:
+        print("parameters LoRA can adapt (target_parameters; a 3-D one gets an update per expert):")
+        _print_groups(group_names(parameters))
     targets = _targets(args.targets, args.targets_regex)
     if targets is None and not args.modules_to_save:
         print("\n(--targets q_proj v_proj ... shows what a spec selects and the parameter count)")
