@@ -19,7 +19,7 @@ from minilora.layers import LoraConv, LoraConv1D, LoraEmbedding, lora_layer_clas
 from minilora.peft_format import read_json
 
 __all__ = ["CONFIG_FILE", "NotBuildable", "read_model_config", "meta_model", "adaptable_modules",
-           "adaptable_parameters", "group_names", "one_line"]
+           "adaptable_parameters", "expert_sources", "group_names", "one_line"]
 
 CONFIG_FILE = "config.json"
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a numeric path segment: model.layers.<3>.mlp
@@ -236,6 +236,53 @@ def adaptable_parameters(model: nn.Module) -> dict[str, str]:
                 out[f"{name}.{pname}" if name else pname] = f"{param.shape[0]} experts x {tuple(param.shape[1:])}"
             elif param.dim() == 2:
                 out[f"{name}.{pname}" if name else pname] = f"Parameter {tuple(param.shape)}"
+    return out
+
+
+def expert_sources(model: nn.Module, shapes: dict[str, tuple[int, ...]], wanted: set[str]
+                   ) -> dict[str, tuple[str, int, slice]]:
+    """Where the checkpoint keeps the fused expert parameters named in ``wanted``, when it stores
+    one tensor per expert (Mixtral's ``block_sparse_moe.experts.3.w1.weight``, Qwen-MoE's
+    ``mlp.experts.3.gate_proj.weight``) and transformers stacks and concatenates them on load:
+    checkpoint key -> (parameter name, expert, its rows within that expert's (out, in) slice).
+    Read from transformers' own conversion rules; only stacking along experts (``MergeModulelist``
+    on dim 0), then concatenating along dim 1 (``Concatenate``), is understood.
+
+    Args:
+        shapes: every checkpoint key -> its shape (the rows of a concatenated part).
+    Raises:
+        ValueError: a wanted parameter is built from the checkpoint in another way.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, apply_renamings,
+                                                     rename_source_key)
+    except ImportError:
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    parts: dict[tuple[str, int], dict[int, str]] = {}  # (parameter, expert) -> {source number: key}
+    for key in shapes:
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if pattern is None or target not in wanted:
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        ops = [(type(op), getattr(op, "dim", None)) for op in converter.operations]
+        if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
+            raise ValueError(f"the checkpoint stores {target!r} as {key!r} and more, which transformers converts "
+                             f"with {converter.operations}; minilora merge can add LoRA only to expert stacks "
+                             "stored whole or one tensor per expert (stacked, then concatenated along dim 1)")
+        expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), apply_renamings(key, renamings))
+        parts.setdefault((target, int(expert[1])), {})[converter.source_patterns.index(pattern)] = key
+    out = {}
+    for (target, expert), keys in parts.items():
+        start = 0
+        for number in sorted(keys):
+            rows = shapes[keys[number]][0]
+            out[keys[number]] = (target, expert, slice(start, start + rows))
+            start += rows
     return out
 
 

@@ -31,13 +31,15 @@ import torch
 
 from minilora import atomic
 from minilora.config import LoraConfig
-from minilora.matching import closest_names
-from minilora.model_config import CONFIG_FILE, NotBuildable, meta_model
-from minilora.ops import dora_merge_norm, grouped_merge_problem, lora_delta, merge_dtype, row_blocks
+from minilora.matching import closest_names, matches_name
+from minilora.model_config import CONFIG_FILE, NotBuildable, expert_sources, meta_model
+from minilora.ops import (dora_merge_norm, expert_factors, grouped_merge_problem, lora_delta, merge_dtype, param_delta,
+                          row_blocks)
 from minilora.patterns import PatternError, time_budget
 from minilora.peft_format import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, AdapterFileError, AdapterModule,
                                   TensorEntry, adapter_modules, check_digest, check_finite, check_tensor,
-                                  header_bytes, read_config_file, read_header, read_json, read_tensor, tensor_bytes)
+                                  header_bytes, param_module_key, read_config_file, read_header, read_json, read_tensor,
+                                  tensor_bytes)
 
 __all__ = ["merge_checkpoint", "MergeSummary"]
 
@@ -129,9 +131,11 @@ def _checkpoint(base: Path) -> tuple[dict[str, TensorEntry], dict[str, dict[str,
 
 
 # ---------------------------------------------------------------- understanding the adapter
-def _read_adapter(adapter: Path) -> tuple[LoraConfig, dict[str, TensorEntry], dict[str, AdapterModule], dict[str, str]]:
-    """The config, the adapter tensors, LoRA modules by name, and checkpoint key -> adapter key
-    for tensors that replace a base tensor (modules_to_save copies, trained biases)."""
+def _read_adapter(adapter: Path, base: Path, ck_tensors: dict[str, TensorEntry]
+                  ) -> tuple[LoraConfig, dict[str, TensorEntry], dict[str, AdapterModule], dict[str, str], _Facts]:
+    """The config, the adapter tensors, LoRA modules by name, checkpoint key -> adapter key for
+    tensors that replace a base tensor (modules_to_save copies, trained biases), and the facts
+    of the base model that reading the adapter's keys needed."""
     config_path, weights_path = adapter / CONFIG_NAME, adapter / WEIGHTS_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"ADAPTER {adapter} has no {CONFIG_NAME}; is it a peft adapter folder?")
@@ -143,19 +147,25 @@ def _read_adapter(adapter: Path) -> tuple[LoraConfig, dict[str, TensorEntry], di
     config, config_data = read_config_file(adapter)
     tensors, metadata = read_header(weights_path)
     check_digest(str(weights_path), metadata, config_data)
+    facts = _model_facts(base, config.target_parameters or [], {k: e.shape for k, e in ck_tensors.items()})
+    if config.target_parameters and facts.conv1d is None:
+        raise ValueError(f"{config_path} adapts parameters (target_parameters={config.target_parameters}); merging "
+                         f"it needs the model built from {base / CONFIG_FILE} with transformers, because peft's keys "
+                         "for several parameters of one module depend on the module's parameter order")
     try:
         with time_budget():  # rank/alpha patterns from the file are matched below
-            modules, replace = adapter_modules(config, tensors, str(weights_path))
+            modules, replace = adapter_modules(config, tensors, str(weights_path), facts.parameters)
     except PatternError as err:
         raise AdapterFileError(f"{config_path}: {err}") from None
-    return config, tensors, modules, replace
+    return config, tensors, modules, replace, facts
 
 
-def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter: Path) -> None:
+def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, facts: _Facts, adapter: Path) -> None:
     """Every adapter tensor is floating point and finite in the dtype it is used in (the merge
     dtype for factors, the checkpoint's for a replacing tensor), read in blocks of rows."""
     where = str(adapter / WEIGHTS_NAME)
-    uses = [(getattr(m, f), merge_dtype(_stored(ck_tensors, tied_to, m.name + ".weight").torch_dtype))
+    uses = [(getattr(m, f), merge_dtype((_stored(ck_tensors, tied_to, m.weight_key)
+                                         or facts.stored_as(ck_tensors, m)).torch_dtype))
             for m in modules.values() for f in ("lora_A", "lora_B", "lora_bias", "magnitude")
             if getattr(m, f) is not None]
     uses += [(ad_key, _stored(ck_tensors, tied_to, key).torch_dtype) for key, ad_key in replace.items()]
@@ -170,26 +180,58 @@ def _stored(ck_tensors: dict[str, TensorEntry], tied_to: dict[str, str], key: st
     return ck_tensors.get(key) or ck_tensors.get(tied_to.get(key, ""))
 
 
-def _model_facts(base: Path) -> tuple[set[str], list[list[str]]] | None:
-    """(names of transformers Conv1D modules, groups of tied parameter names) from the model
-    ``model_config.meta_model`` builds; None (shapes then decide alone) without config.json,
-    transformers, or a model it can build without guessing the class. A config.json that is not
-    a readable JSON object is an error: OUT would get a copy of it."""
+@dataclass
+class _Facts:
+    """What the base model's classes tell about its checkpoint (``conv1d`` None: unknown)."""
+
+    conv1d: set[str] | None = None  # names of transformers Conv1D modules
+    groups: list[list[str]] = field(default_factory=list)  # tied parameter names
+    parameters: dict[str, str] = field(default_factory=dict)  # peft's wrapper path -> parameter name
+    transposed: set[str] = field(default_factory=set)  # expert stacks stored (experts, in, out)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # targeted parameter -> shape
+    experts: dict[str, tuple[str, int, slice]] = field(default_factory=dict)  # see model_config.expert_sources
+    parts: dict[str, list[str]] = field(default_factory=dict)  # parameter stored per expert -> its keys
+
+    def stored_as(self, ck_tensors: dict[str, TensorEntry], m: AdapterModule) -> TensorEntry | None:
+        """The checkpoint entry of a module's weight, or of the first part of a stack stored per expert."""
+        parts = self.parts.get(m.weight_key) if m.parameter else None
+        return ck_tensors[parts[0]] if parts else None
+
+
+def _model_facts(base: Path, target_parameters: list[str] | tuple[()] = (),
+                 ck_shapes: dict[str, tuple[int, ...]] | None = None) -> _Facts:
+    """The facts from the model ``model_config.meta_model`` builds; unknown (shapes then decide
+    alone) without config.json, transformers, or a model it can build without guessing the class.
+    A config.json that is not a readable JSON object is an error: OUT would get a copy of it."""
     if not (base / CONFIG_FILE).exists():
-        return None
+        return _Facts()
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
-        return None
+        return _Facts()
     try:
         model = meta_model(base, guess_class=False)
     except NotBuildable:
-        return None
-    conv1d = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
+        return _Facts()
+    facts = _Facts({n for n, m in model.named_modules() if isinstance(m, Conv1D)})
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
-    return conv1d, [g for g in groups.values() if len(g) > 1]
+    facts.groups = [g for g in groups.values() if len(g) > 1]
+    for name, module in model.named_modules() if target_parameters else ():
+        chosen = [p for p in module._parameters if matches_name(f"{name}.{p}", target_parameters)]
+        for index, param in enumerate(chosen):
+            facts.shapes[f"{name}.{param}"] = tuple(module._parameters[param].shape)
+            # The adapter may name the backbone alone (its first component dropped): both spellings.
+            for module_name in {name, name.partition(".")[2] or name}:
+                facts.parameters[param_module_key(module_name, index, len(chosen))] = f"{module_name}.{param}"
+                if getattr(module, "is_transposed", False) and module._parameters[param].dim() == 3:
+                    facts.transposed.add(f"{module_name}.{param}")
+    if facts.shapes and ck_shapes is not None:
+        facts.experts = expert_sources(model, ck_shapes, set(facts.shapes) - set(ck_shapes))
+        for key, (param, _, _) in sorted(facts.experts.items()):
+            facts.parts.setdefault(param, []).append(key)
+    return facts
 
 
 def _not_found(key: str, what: str, tensors: dict[str, TensorEntry], base: Path) -> ValueError:
@@ -205,7 +247,7 @@ def _align_prefix(modules: dict[str, AdapterModule], replace: dict[str, str], kn
     first component, or add one of the checkpoint's, if that makes every name fit. Returns the
     (possibly renamed) modules and replace map, and (old, new) prefix or None."""
     def fits(strip: str, add: str) -> bool:
-        return (all(add + name[len(strip):] + ".weight" in known for name in modules)
+        return (all(add + m.weight_key[len(strip):] in known for m in modules.values())
                 and all(add + key[len(strip):] in known for key in replace))
 
     names = [*modules, *replace]
@@ -240,13 +282,54 @@ def _factor_problem(m: AdapterModule, A: tuple[int, ...], B: tuple[int, ...], W:
     return None
 
 
-def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, config, base, adapter) -> None:
+def _check_parameter(m: AdapterModule, A: tuple[int, ...], B: tuple[int, ...], W: tuple[int, ...],
+                     config: LoraConfig, adapter: Path) -> None:
+    """A LoRA on a parameter: 2-D (out, in) takes A (r, in), B (out, r); a stack of E experts
+    (E, out, in), or (E, in, out) when transposed, takes A (E·r, in), B (out, E·r)."""
+    r = config.rank_and_alpha(m.name)[0]
+    experts = W[0] if len(W) == 3 else 1
+    out_in = (W[2], W[1]) if m.transposed else W[-2:]
+    want = ((experts * r, out_in[1]), (out_in[0], experts * r))
+    if len(W) not in (2, 3) or (A, B) != want:
+        raise ValueError(f"adapter does not fit the checkpoint: parameter {m.name!r} has shape {list(W)}, which "
+                         f"takes lora_A {list(want[0])} and lora_B {list(want[1])} at rank {r}, but the adapter "
+                         f"has {list(A)} and {list(B)} (in {adapter / WEIGHTS_NAME}); was it trained on another "
+                         "model?")
+
+
+def _check_parts(m: AdapterModule, facts: _Facts, ck_tensors: dict[str, TensorEntry]) -> None:
+    """A stack stored one tensor per expert: every expert present, each part (rows, in)."""
+    shape = facts.shapes[m.name]
+    keys = facts.parts[m.name]
+    experts = {facts.experts[k][1] for k in keys}
+    if m.transposed or len(shape) != 3 or experts != set(range(shape[0])):
+        raise ValueError(f"the checkpoint stores {m.name!r} {list(shape)} one tensor per expert, but not as "
+                         f"(rows, in) parts of experts 0..{shape[0] - 1} (found experts {sorted(experts)}); "
+                         "minilora merge cannot add its LoRA there")
+    for key in keys:
+        rows = facts.experts[key][2]
+        want = (rows.stop - rows.start, shape[2])
+        if tuple(ck_tensors[key].shape) != want or rows.stop > shape[1]:
+            raise ValueError(f"the checkpoint's {key!r} has shape {list(ck_tensors[key].shape)}, but as part of "
+                             f"{m.name!r} {list(shape)} it must be {list(want)}")
+
+
+def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, config, base, adapter) -> None:
     """Check every adapter tensor against the checkpoint before anything is written."""
+    conv1d = facts.conv1d
     for m in modules.values():
-        entry = _stored(ck_tensors, tied_to, m.name + ".weight")
-        if entry is None:
-            raise _not_found(m.name + ".weight", f"LoRA module {m.name!r}", ck_tensors, base)
-        A, B, W = tuple(ad_tensors[m.lora_A].shape), tuple(ad_tensors[m.lora_B].shape), tuple(entry.shape)
+        entry = _stored(ck_tensors, tied_to, m.weight_key)
+        if entry is None and m.name in facts.parts:
+            _check_parts(m, facts, ck_tensors)
+            W = facts.shapes[m.name]
+        elif entry is None:
+            raise _not_found(m.weight_key, f"LoRA module {m.name!r}", ck_tensors, base)
+        else:
+            W = tuple(entry.shape)
+        A, B = tuple(ad_tensors[m.lora_A].shape), tuple(ad_tensors[m.lora_B].shape)
+        if m.parameter:
+            _check_parameter(m, A, B, W, config, adapter)
+            continue
         problem = _factor_problem(m, A, B, W)
         if problem is not None:
             raise ValueError(f"{adapter / WEIGHTS_NAME}: LoRA module {m.name!r}: {problem}; the adapter file is "
@@ -327,21 +410,24 @@ def _check_norm(key: str, norm: torch.Tensor, first: int = 0) -> None:
 class _Merger:
     """Computes merged checkpoint tensors one block of rows at a time."""
 
-    def __init__(self, ad_tensors, modules, replace, ck_tensors, tied_to):
-        self.ad_tensors, self.ck_tensors, self.tied_to = ad_tensors, ck_tensors, tied_to
+    def __init__(self, ad_tensors, modules, replace, ck_tensors, tied_to, facts):
+        self.ad_tensors, self.ck_tensors, self.tied_to, self.facts = ad_tensors, ck_tensors, tied_to, facts
         self.replace = replace
-        self.by_weight = {m.name + ".weight": m for m in modules.values()}
+        self.by_weight = {m.weight_key: m for m in modules.values()}
         self.by_bias = {m.name + ".bias": m for m in modules.values() if m.lora_bias is not None}
 
     def _adapter(self, key: str) -> torch.Tensor:
         return read_tensor(self.ad_tensors[key])
 
     def touches(self, key: str) -> bool:
-        return key in self.replace or key in self.by_weight or key in self.by_bias
+        return key in self.replace or key in self.by_weight or key in self.by_bias or key in self.facts.experts
 
     def blocks(self, key: str) -> Iterator[torch.Tensor]:
         """The merged tensor for checkpoint name ``key`` (stored under its own or its tied name),
         as consecutive blocks of rows in the stored dtype."""
+        if key in self.facts.experts:
+            yield from self._expert_part_blocks(key)
+            return
         stored = key if key in self.ck_tensors else self.tied_to[key]
         entry = self.ck_tensors[stored]
         dtype = entry.torch_dtype
@@ -359,12 +445,29 @@ class _Merger:
             if m is not None:
                 # W + fp32 delta adds in fp32 and rounds once, as LoraLayer.merged_weights does
                 # (in place into the delta: the sum is the same bits, with one temporary less).
-                t = lora_delta(A, B, m.scaling, merge_dtype(dtype), transposed=m.transposed, rows=rows).add_(t)
+                t = (param_delta(A, B, m.scaling, merge_dtype(dtype), entry.shape, transposed=m.transposed, rows=rows)
+                     if m.parameter else
+                     lora_delta(A, B, m.scaling, merge_dtype(dtype), transposed=m.transposed, rows=rows)).add_(t)
                 t = t.to(dtype)
             if bias is not None:
                 t = (t + mb.scaling * bias[rows]).to(dtype)
             if t is not base and t.is_floating_point():
                 _check_merged(key, base, t)
+            yield t
+
+    def _expert_part_blocks(self, key: str) -> Iterator[torch.Tensor]:
+        """``blocks`` for one expert's part of a stack stored per expert: the rows ``rows`` of
+        delta[expert], by ``lora_delta`` on that expert's factors (``param_delta``'s per-expert
+        product, row by row: the same bits)."""
+        param, expert, rows = self.facts.experts[key]
+        m, entry = self.by_weight[param], self.ck_tensors[key]
+        dtype = entry.torch_dtype
+        A3, B3 = expert_factors(self._adapter(m.lora_A), self._adapter(m.lora_B), self.facts.shapes[param][0])
+        for block in row_blocks(entry.shape):
+            base = read_tensor(entry, block).to(dtype)
+            inner = slice(rows.start + block.start, rows.start + block.stop)
+            t = lora_delta(A3[expert], B3[expert], m.scaling, merge_dtype(dtype), rows=inner).add_(base).to(dtype)
+            _check_merged(key, base, t)
             yield t
 
     @staticmethod
@@ -531,17 +634,18 @@ class _Plan:
 
 def _plan(base: Path, adapter: Path) -> _Plan:
     ck_tensors, shard_meta, index = _checkpoint(base)
-    config, ad_tensors, modules, replace = _read_adapter(adapter)
-    facts = _model_facts(base)
-    conv1d, groups = (facts if facts is not None else (None, []))
+    config, ad_tensors, modules, replace, facts = _read_adapter(adapter, base, ck_tensors)
+    groups = facts.groups
+    for m in modules.values():
+        m.transposed = m.parameter and m.name in facts.transposed
     # Tied names absent from the checkpoint point at the member that is stored.
     tied_groups = [g for g in groups if sum(k in ck_tensors for k in g) == 1]
     tied_to = {k: next(s for s in g if s in ck_tensors) for g in tied_groups for k in g if k not in ck_tensors}
-    modules, replace, renamed = _align_prefix(modules, replace, set(ck_tensors) | set(tied_to))
-    _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, config, base, adapter)
-    _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter)
+    modules, replace, renamed = _align_prefix(modules, replace, set(ck_tensors) | set(tied_to) | set(facts.parts))
+    _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, config, base, adapter)
+    _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, facts, adapter)
     return _Plan(ck_tensors, shard_meta, index, modules, replace, tied_groups, renamed,
-                 _Merger(ad_tensors, modules, replace, ck_tensors, tied_to))
+                 _Merger(ad_tensors, modules, replace, ck_tensors, tied_to, facts))
 
 
 def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from minilora import kernels
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend", "merge_dtype",
-           "lora_delta", "param_delta", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm",
+           "lora_delta", "param_delta", "expert_factors", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm",
            "dora_linear"]
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -170,12 +170,16 @@ def param_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.d
         return lora_delta(A, B, scaling, dtype, rows=rows)
     if len(shape) != 3:
         raise ValueError(f"LoRA on a parameter needs a 2-D or 3-D one, got shape {tuple(shape)}")
-    experts = shape[0]
-    A3 = A.to(dtype).unflatten(0, (experts, -1))[rows]  # (e, r, in)
-    B3 = B.to(dtype).unflatten(1, (-1, experts))[:, :, rows].permute(2, 0, 1)  # (e, out, r)
+    A3, B3 = expert_factors(A.to(dtype), B.to(dtype), shape[0])
+    A3, B3 = A3[rows], B3[rows]
     if transposed:
         return torch.bmm(A3.transpose(1, 2), B3.transpose(1, 2)).mul_(scaling)  # (e, in, out)
     return torch.bmm(B3, A3).mul_(scaling)  # (e, out, in)
+
+
+def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of each expert's factors: A (E·r, in) -> (E, r, in); B (out, E·r) -> (E, out, r)."""
+    return A.unflatten(0, (experts, -1)), B.unflatten(1, (-1, experts)).permute(2, 0, 1)
 
 
 def grouped_merge_problem(groups: int) -> str | None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import warnings
 from collections.abc import Iterable, Mapping
@@ -24,7 +25,7 @@ from minilora.config import LoraConfig
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX", "FACTOR_KEYS", "DIGEST_KEY",
            "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "AdapterFileError", "TensorEntry", "read_json",
-           "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor", "check_tensor",
+           "param_module_key", "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor", "check_tensor",
            "check_finite", "header_bytes", "tensor_bytes", "safetensors_bytes", "AdapterModule", "adapter_modules"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -40,6 +41,16 @@ FACTOR_KEYS: dict[bool, dict[str, str]] = {
             "magnitude": "lora_magnitude_vector"},
     True: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "magnitude": "lora_magnitude_vector"},
 }
+def param_module_key(module: str, index: int, count: int) -> str:
+    """peft's module path for LoRA on the ``index``-th of ``count`` adapted parameters of
+    ``module`` (in the module's parameter order): peft nests one wrapper per parameter, the first
+    innermost, each under the next one's ``base_layer``. ``index == count`` gives the path of the
+    module's own tensors, below every wrapper. E.g. ``experts`` with (gate_up_proj, down_proj):
+    ``experts.base_layer`` (gate_up_proj's factors), ``experts`` (down_proj's),
+    ``experts.base_layer.base_layer`` (the stacks themselves)."""
+    return module + ".base_layer" * (count - 1 - index if index < count else count)
+
+
 #: Metadata key of the weights file holding :func:`config_digest` of the config saved with it.
 DIGEST_KEY = "minilora.config_sha256"
 
@@ -323,6 +334,7 @@ def check_digest(weights_path: str, metadata: Mapping[str, str], config_data: Ma
 # ---------------------------------------------------------------- an adapter file's keys
 # file key suffix -> (LoraAdapter parameter, whether the suffix means an Embedding). DoRA's
 # "lora_magnitude_vector" is the same for every kind: it tells nothing.
+_UNDER_WRAPPERS = re.compile(r"(?:\.base_layer)+\.")  # peft nests wrappers of parameters: base_layer.base_layer
 _SUFFIXES = {f".{suffix}": (param, embedding and suffix not in FACTOR_KEYS[False].values())
              for embedding, keys in FACTOR_KEYS.items() for param, suffix in keys.items()}
 
@@ -340,12 +352,21 @@ class AdapterModule:
     embedding: bool = False
     scaling: float = 1.0
     transposed: bool = False
+    parameter: bool = False  # LoRA on a parameter (target_parameters): ``name`` is the parameter's
+
+    @property
+    def weight_key(self) -> str:
+        """The model key of the tensor the module's delta is added to."""
+        return self.name if self.parameter else self.name + ".weight"
 
 
-def adapter_modules(config: LoraConfig, tensors: Mapping[str, TensorEntry], where: str
-                    ) -> tuple[dict[str, AdapterModule], dict[str, str]]:
+def adapter_modules(config: LoraConfig, tensors: Mapping[str, TensorEntry], where: str,
+                    parameters: Mapping[str, str] | None = None) -> tuple[dict[str, AdapterModule], dict[str, str]]:
     """The LoRA modules of an adapter file by name, and model key -> file key for the tensors
     that replace a model tensor (modules_to_save copies, trained biases).
+
+    ``parameters`` maps peft's module path of a LoRA on a parameter (:func:`param_module_key`)
+    to the parameter's full name, which becomes the module's name; only the model knows it.
 
     Run it under ``patterns.time_budget()``: the config's rank/alpha patterns are matched here.
 
@@ -374,9 +395,14 @@ def adapter_modules(config: LoraConfig, tensors: Mapping[str, TensorEntry], wher
             raise ValueError(f"adapter tensor {key!r} is neither LoRA nor DoRA (another variant?); minilora merge "
                              "knows lora_A / lora_B / lora_embedding_A / lora_embedding_B / lora_magnitude_vector")
         elif ".base_layer." in name:  # an adapted module's own tensor saved anew: a trained bias
-            replace[name.replace(".base_layer.", ".")] = key  # (bias="lora_only"), an untied embedding
+            replace[_UNDER_WRAPPERS.sub(".", name)] = key  # (bias="lora_only"), an untied embedding
         else:  # a modules_to_save copy's parameter, or a trained bias of a plain module
             replace[name] = key
+    for path, module in list(modules.items()):
+        if parameters and path in parameters:
+            del modules[path]
+            module.name, module.parameter = parameters[path], True
+            modules[module.name] = module
     for module in modules.values():
         _check_factors(config, module, tensors, where)
     _check_dora(config, modules, where)
@@ -397,6 +423,8 @@ def _check_factors(config: LoraConfig, module: AdapterModule, tensors: Mapping[s
                              "file is malformed")
     r = tensors[module.lora_A].shape[0]
     want_r, alpha = config.rank_and_alpha(module.name)
+    if module.parameter and r % want_r == 0:  # E experts stack E rank-r pairs (checked against E later)
+        r = want_r
     if r != want_r:
         raise ValueError(f"{CONFIG_NAME} gives {module.name!r} rank {want_r}, but its lora_A has rank {r}; the "
                          "config and the weights do not belong together")
