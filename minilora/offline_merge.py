@@ -37,7 +37,8 @@ from minilora.ops import dora_merge_norm, grouped_merge_problem, lora_delta, mer
 from minilora.patterns import PatternError, time_budget
 from minilora.peft_format import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, AdapterFileError, AdapterModule,
                                   TensorEntry, adapter_modules, check_digest, check_finite, check_tensor,
-                                  header_bytes, read_config_file, read_header, read_json, read_tensor, tensor_bytes)
+                                  header_bytes, read_config_file, read_header, read_json, read_tensor, tensor_bytes,
+                                  token_rows)
 
 __all__ = ["merge_checkpoint", "MergeSummary"]
 
@@ -129,9 +130,11 @@ def _checkpoint(base: Path) -> tuple[dict[str, TensorEntry], dict[str, dict[str,
 
 
 # ---------------------------------------------------------------- understanding the adapter
-def _read_adapter(adapter: Path) -> tuple[LoraConfig, dict[str, TensorEntry], dict[str, AdapterModule], dict[str, str]]:
-    """The config, the adapter tensors, LoRA modules by name, and checkpoint key -> adapter key
-    for tensors that replace a base tensor (modules_to_save copies, trained biases)."""
+def _read_adapter(adapter: Path) -> tuple[LoraConfig, dict[str, TensorEntry], dict[str, AdapterModule], dict[str, str],
+                                          dict[str, tuple[str, list[int]]]]:
+    """The config, the adapter tensors, LoRA modules by name, checkpoint key -> adapter key
+    for tensors that replace a base tensor (modules_to_save copies, trained biases), and module
+    name -> (adapter key, token ids) for trained token rows."""
     config_path, weights_path = adapter / CONFIG_NAME, adapter / WEIGHTS_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"ADAPTER {adapter} has no {CONFIG_NAME}; is it a peft adapter folder?")
@@ -146,19 +149,21 @@ def _read_adapter(adapter: Path) -> tuple[LoraConfig, dict[str, TensorEntry], di
     try:
         with time_budget():  # rank/alpha patterns from the file are matched below
             modules, replace = adapter_modules(config, tensors, str(weights_path))
+            tokens = token_rows(config, tensors, str(weights_path))
     except PatternError as err:
         raise AdapterFileError(f"{config_path}: {err}") from None
-    return config, tensors, modules, replace
+    return config, tensors, modules, replace, tokens
 
 
-def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter: Path) -> None:
+def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter: Path, rows) -> None:
     """Every adapter tensor is floating point and finite in the dtype it is used in (the merge
-    dtype for factors, the checkpoint's for a replacing tensor), read in blocks of rows."""
+    dtype for factors, the checkpoint's for a replacing tensor or token rows), read in blocks of rows."""
     where = str(adapter / WEIGHTS_NAME)
     uses = [(getattr(m, f), merge_dtype(_stored(ck_tensors, tied_to, m.name + ".weight").torch_dtype))
             for m in modules.values() for f in ("lora_A", "lora_B", "lora_bias", "magnitude")
             if getattr(m, f) is not None]
     uses += [(ad_key, _stored(ck_tensors, tied_to, key).torch_dtype) for key, ad_key in replace.items()]
+    uses += list({(ad_key, _stored(ck_tensors, tied_to, key).torch_dtype) for key, (ad_key, _) in rows.items()})
     for ad_key, dtype in sorted(uses):
         entry = ad_tensors[ad_key]
         check_tensor(where, ad_key, entry.torch_dtype, entry.shape, dtype, entry.shape)
@@ -297,6 +302,32 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, conf
                              f"{list(ad_tensors[ad_key].shape)} but {key!r} in {base} is {list(entry.shape)}")
 
 
+def _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied_to, groups, base: Path
+                 ) -> dict[str, tuple[str, list[int]]]:
+    """Checkpoint weight name -> (adapter key, token ids) for every weight that token rows
+    write: the module's own and, as the in-memory merge writes the one shared Parameter, every
+    name tied to it."""
+    strip, add = renamed or ("", "")
+    lora = {m.name + ".weight" for m in modules.values()}
+    out: dict[str, tuple[str, list[int]]] = {}
+    for name, (ad_key, ids) in tokens.items():
+        key = (add + name[len(strip):] if name.startswith(strip) else name) + ".weight"
+        entry = _stored(ck_tensors, tied_to, key)
+        if entry is None:
+            raise _not_found(key, f"token rows {ad_key!r}", ck_tensors, base)
+        W, D = tuple(entry.shape), tuple(ad_tensors[ad_key].shape)
+        if len(W) != 2 or D[1] != W[1] or max(ids) >= W[0]:
+            raise ValueError(f"adapter does not fit the checkpoint: token rows {ad_key!r} {list(D)} for token ids up "
+                             f"to {max(ids)} need a weight [> {max(ids)}, {D[1]}], but {key!r} in {base} is {list(W)}")
+        for k in next((g for g in groups if key in g), [key]):
+            if k in out or k in replace or k in lora:
+                raise ValueError(f"the adapter trains token rows of {key!r} and also changes {k!r} otherwise (LoRA, "
+                                 "a modules_to_save copy or other token rows); minilora cannot merge both into one "
+                                 "weight")
+            out[k] = (ad_key, ids)
+    return out
+
+
 # ---------------------------------------------------------------- the merge itself
 
 def _check_merged(key: str, base: torch.Tensor, merged: torch.Tensor, dora: bool = False) -> None:
@@ -327,9 +358,9 @@ def _check_norm(key: str, norm: torch.Tensor, first: int = 0) -> None:
 class _Merger:
     """Computes merged checkpoint tensors one block of rows at a time."""
 
-    def __init__(self, ad_tensors, modules, replace, ck_tensors, tied_to):
+    def __init__(self, ad_tensors, modules, replace, ck_tensors, tied_to, rows):
         self.ad_tensors, self.ck_tensors, self.tied_to = ad_tensors, ck_tensors, tied_to
-        self.replace = replace
+        self.replace, self.rows = replace, rows
         self.by_weight = {m.name + ".weight": m for m in modules.values()}
         self.by_bias = {m.name + ".bias": m for m in modules.values() if m.lora_bias is not None}
 
@@ -337,7 +368,7 @@ class _Merger:
         return read_tensor(self.ad_tensors[key])
 
     def touches(self, key: str) -> bool:
-        return key in self.replace or key in self.by_weight or key in self.by_bias
+        return key in self.replace or key in self.by_weight or key in self.by_bias or key in self.rows
 
     def blocks(self, key: str) -> Iterator[torch.Tensor]:
         """The merged tensor for checkpoint name ``key`` (stored under its own or its tied name),
@@ -353,6 +384,7 @@ class _Merger:
             yield from self._dora_blocks(key, m, source, entry, A, B, self._adapter(m.magnitude))
             return
         bias = self._adapter(mb.lora_bias) if mb is not None else None
+        tokens = self._token_rows(key, dtype)
         for rows in row_blocks(entry.shape):
             base = read_tensor(source, rows).to(dtype)
             t = base
@@ -363,9 +395,27 @@ class _Merger:
                 t = t.to(dtype)
             if bias is not None:
                 t = (t + mb.scaling * bias[rows]).to(dtype)
+            if tokens is not None:
+                t = self._write_rows(t, rows, *tokens)
             if t is not base and t.is_floating_point():
                 _check_merged(key, base, t)
             yield t
+
+    def _token_rows(self, key: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token ids (k,), their rows (k, dim) rounded to ``dtype``) written into ``key``, or None."""
+        if key not in self.rows:
+            return None
+        ad_key, ids = self.rows[key]
+        # As TrainableTokens.merge: the trained rows replace the old ones, rounded to the weight dtype.
+        return torch.tensor(ids, dtype=torch.long), self._adapter(ad_key).to(dtype)
+
+    @staticmethod
+    def _write_rows(block: torch.Tensor, rows: slice, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``block`` (rows ``rows`` of a weight) with the token rows among them replaced."""
+        inside = (ids >= rows.start) & (ids < rows.stop)
+        if not inside.any():
+            return block
+        return block.index_copy(0, ids[inside] - rows.start, values[inside])
 
     @staticmethod
     def _dora_blocks(key: str, m: AdapterModule, source: TensorEntry, entry: TensorEntry, A: torch.Tensor,
@@ -531,7 +581,7 @@ class _Plan:
 
 def _plan(base: Path, adapter: Path) -> _Plan:
     ck_tensors, shard_meta, index = _checkpoint(base)
-    config, ad_tensors, modules, replace = _read_adapter(adapter)
+    config, ad_tensors, modules, replace, tokens = _read_adapter(adapter)
     facts = _model_facts(base)
     conv1d, groups = (facts if facts is not None else (None, []))
     # Tied names absent from the checkpoint point at the member that is stored.
@@ -539,9 +589,10 @@ def _plan(base: Path, adapter: Path) -> _Plan:
     tied_to = {k: next(s for s in g if s in ck_tensors) for g in tied_groups for k in g if k not in ck_tensors}
     modules, replace, renamed = _align_prefix(modules, replace, set(ck_tensors) | set(tied_to))
     _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, config, base, adapter)
-    _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter)
+    rows = _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied_to, groups, base)
+    _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, adapter, rows)
     return _Plan(ck_tensors, shard_meta, index, modules, replace, tied_groups, renamed,
-                 _Merger(ad_tensors, modules, replace, ck_tensors, tied_to))
+                 _Merger(ad_tensors, modules, replace, ck_tensors, tied_to, rows))
 
 
 def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
