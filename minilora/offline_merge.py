@@ -11,6 +11,10 @@ same rows, W + delta computed in ``ops.merge_dtype`` and rounded once. DoRA merg
 the same order as ``LoraLayer.merged_weights``; where outputs are columns (Conv1D, Embedding) a
 first pass sums the norms and a second scales each block.
 
+Trained token rows (``trainable_token_indices``) replace their rows of the weight, rounded to its
+dtype, as ``TrainableTokens.merge`` writes them; every name tied to that weight (known from
+config.json) gets the same rows, as the in-memory merge writes the one shared Parameter.
+
 Tied weights: the checkpoint stores one tensor for the group. If every member merges to the same
 values the group stays tied; otherwise each is written and ``tie_word_embeddings`` set to false,
 as ``merge_and_unload`` unties a LoRA-adapted tied embedding. OUT is written with
@@ -69,6 +73,7 @@ class MergeSummary:
     skipped_files: list[str] = field(default_factory=list)
     renamed: tuple[str, str] | None = None  # (old prefix, new prefix) of the adapter's module names
     dora_modules: int = 0  # of lora_modules, those with a DoRA magnitude
+    token_weights: int = 0  # weights given trained token rows (trainable_token_indices), tied names included
 
 
 def _shard_name_ok(name: object) -> bool:
@@ -613,7 +618,8 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
         FileExistsError: ``out`` exists.
         ValueError: the adapter does not fit the checkpoint (missing module, shape mismatch,
             rank not matching its config, DoRA magnitudes present or missing against the config's
-            ``use_dora``) or is another LoRA variant, or a file of either is malformed; a DoRA norm
+            ``use_dora``, token rows not fitting the weight or the config's token ids, token rows
+            and another change to one weight) or is another LoRA variant, or a file of either is malformed; a DoRA norm
             ‖W + s·B@A‖ is zero or not finite; ``out`` is inside ``base``; a file in ``base``
             cannot be copied (a symlink loop, a pipe). Nothing is written.
         OSError: writing failed (a read-only folder, the disk full, ...). Nothing is written.
@@ -676,4 +682,4 @@ def _write(plan: _Plan, base: Path, tmp: Path, out: Path, progress: Progress | N
         _write_json(tmp / "config.json", {**read_json(tmp / "config.json", "a transformers model config"),
                                           "tie_word_embeddings": False})
     return MergeSummary(out, len(plan.modules), len(plan.replace), total, len(by_shard), written, untied, skipped,
-                        plan.renamed, sum(m.magnitude is not None for m in plan.modules.values()))
+                        plan.renamed, sum(m.magnitude is not None for m in plan.modules.values()), len(merger.rows))
