@@ -133,3 +133,44 @@ def test_offline_merge_refuses_token_rows_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match=r"token rows .* for token ids up to 40 .* is \[10, 32\]"):
         merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_offline_merge_of_a_peft_adapter_writes_peft_rows(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = build("llama", tie_word_embeddings=True)
+    (tmp_path / "base").mkdir()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.save_pretrained(tmp_path / "base")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    (tmp_path / "base" / "model.safetensors").write_bytes(safetensors_bytes(state, {"format": "pt"}))
+    pm = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3, 9]))
+    with torch.no_grad():
+        pm.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].add_(1.0)
+    pm.save_pretrained(tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    want = pm.merge_and_unload().state_dict()
+    assert sorted(got) == sorted(k for k in want if k != "lm_head.weight")
+    assert torch.equal(got["model.embed_tokens.weight"], want["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(trainable_token_indices=None), "gives 'model.embed_tokens' no token ids"),
+    (dict(trainable_token_indices={"lm_head": [3, 40]}), "gives 'model.embed_tokens' no token ids"),
+    (dict(trainable_token_indices=[3, 40, 41]), r"must be \[3, dim\]"),
+])
+def test_offline_merge_refuses_token_rows_against_their_config(tmp_path, change, words):
+    import json
+    model = build("llama")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(safetensors_bytes(
+        {k: v.detach().clone() for k, v in model.state_dict().items()}, {"format": "pt"}))
+    minilora.save_adapter(minilora.inject(model, target_modules=["q_proj"], trainable_token_indices=[3, 40]),
+                          tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"  # without minilora's config digest, as peft's
+    weights.write_bytes(safetensors_bytes(load_file(weights), {"format": "pt"}))
+    with pytest.raises(ValueError, match=words):
+        merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -347,3 +347,25 @@ def test_inject_refuses_what_it_cannot_do_and_leaves_the_model():
         with pytest.raises(ValueError, match=words):
             minilora.inject(base, **fields)
         assert_unchanged(base, before)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(trainable_token_indices=None), "unexpected key"),
+    (dict(trainable_token_indices=[3, 5, 6]), r"\(3, 32\)"),
+    (dict(trainable_token_indices={"lm_head": [3, 5]}), "lacks 1 key"),
+])
+def test_load_refuses_token_rows_against_their_config_and_leaves_the_model(tmp_path, change, words):
+    import json
+    from safetensors.torch import load_file
+    from minilora.peft_format import safetensors_bytes
+    base = build("llama")
+    minilora.save_adapter(minilora.inject(copy.deepcopy(base), target_modules=["q_proj"],
+                                          trainable_token_indices=[3, 5]), tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    weights = tmp_path / "adapter_model.safetensors"  # without minilora's config digest, as peft's
+    weights.write_bytes(safetensors_bytes(load_file(weights), {"format": "pt"}))
+    before = snapshot(base)
+    with pytest.raises(minilora.AdapterFileError, match=words):
+        minilora.load_adapter(base, tmp_path)
+    assert_unchanged(base, before)
