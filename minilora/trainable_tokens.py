@@ -173,7 +173,7 @@ class TrainableTokens(AdapterHost):
             rows = self.tokens[name]
             if self.follows is None:
                 with torch.no_grad():
-                    self.weight.index_copy_(0, rows.indices, rows.kept)
+                    self.weight.index_copy_(0, rows.indices, rows.kept.to(self.weight.device))
                 rows.kept = None
             self.merged.remove(name)
 
