@@ -345,6 +345,11 @@ def _plan_tokens(model: nn.Module, modules: list[tuple[str, nn.Module]], config:
             raise ValueError("trainable_token_indices names no module for " + "; ".join(_closest_hint(k, names)
                                                                                         for k in missing))
     by_name = dict(modules)
+    for name in list(named):  # a head that follows an earlier adapter's rows: its owner takes them
+        module = by_name[name]
+        if isinstance(module, TrainableTokens) and module.follows is not None:
+            owner = next(n for n, m in modules if m is module.follows)
+            named.setdefault(owner, named[name])
     sharing: dict[int, list[str]] = {}  # weight Parameter -> the modules holding it
     for n, m in modules:
         weight = getattr(m, "weight", None) if n else None

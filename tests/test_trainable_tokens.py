@@ -369,3 +369,20 @@ def test_load_refuses_token_rows_against_their_config_and_leaves_the_model(tmp_p
     with pytest.raises(minilora.AdapterFileError, match=words):
         minilora.load_adapter(base, tmp_path)
     assert_unchanged(base, before)
+
+
+def test_head_named_alone_in_a_tied_model_takes_the_embedding_along():
+    # peft trains the head's rows alone over the shared weight (its merged model then differs from
+    # the unmerged one: merging writes the rows into the embedding too); minilora keeps the pair tied.
+    base = build("llama", tie_word_embeddings=True)
+    ids = inputs_for(base)
+    model = minilora.inject(copy.deepcopy(base), target_modules=["q_proj"], trainable_token_indices={"lm_head": IDS})
+    assert model.model.embed_tokens.follows is model.lm_head
+    randomize_tokens(model)
+    y = logits(model, ids)
+    minilora.merge(model)
+    torch.testing.assert_close(logits(model, ids), y)  # (fp32: q_proj's merge rounds)
+    # a later adapter naming the (now following) head alone gets rows through its owner
+    minilora.unmerge(model)
+    minilora.inject(model, target_modules=["q_proj"], trainable_token_indices={"lm_head": [7]}, adapter_name="b")
+    assert model.model.embed_tokens.tokens["b"] is model.lm_head.tokens["b"]
