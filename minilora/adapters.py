@@ -21,15 +21,17 @@ import torch.nn as nn
 from minilora.config import LoraConfig
 from minilora.inject import BASE_ADAPTER, adapter_name_problem, lora_layers, require_state, unload, update_trainable
 from minilora.layers import LoraConv, LoraLayer
+from minilora.merge import mergeable
 from minilora.modules_to_save import ModulesToSave
 from minilora.rows import RowAdapters
+from minilora.trainable_tokens import token_hosts
 from minilora.tree import hosts, set_active, swap, walk
 
 __all__ = ["set_adapter", "delete_adapter", "add_weighted_adapter", "per_sample_adapters", "COMBINATIONS"]
 
 
 def _merged_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
-    return [(name, list(layer.merged)) for name, layer in lora_layers(model) if layer.merged]
+    return [(name, list(layer.merged)) for name, layer in mergeable(model) if layer.merged]
 
 
 def _apply_active(model: nn.Module, active: tuple[str, ...]) -> None:
@@ -47,7 +49,8 @@ def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> nn.Modu
 
     Raises:
         ValueError: an unknown or empty name list; two active adapters with their own copy of the
-            same modules_to_save module (only one copy can run, as in peft); merged adapters
+            same modules_to_save module, or token rows of the same module (only one can run, as
+            in peft); merged adapters
             (their deltas sit in the weights whichever adapter is active: unmerge first).
     """
     names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
@@ -60,6 +63,11 @@ def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> nn.Modu
         raise ValueError(f"set_adapter: adapters {merged[0][1]} are merged into {merged[0][0]!r}; "
                          "call minilora.unmerge(model) before switching adapters")
     _copy_owners(model, names, "set_adapter", "only one copy can run; activate one of them")
+    for layer_name, host in token_hosts(model):
+        owners = [a for a in names if a in host.tokens]
+        if len(owners) > 1:
+            raise ValueError(f"set_adapter: adapters {owners} each train token rows of {layer_name!r} "
+                             "(trainable_token_indices); only one of them can be active there (as in peft)")
     state.active = tuple(dict.fromkeys(names))
     _apply_active(model, state.active)
     return model
@@ -188,7 +196,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         ValueError: unknown adapters, an existing or invalid ``adapter_name`` (as inject: empty,
             with a dot, or ``"__base__"``), weights not matching the adapters or not finite, an
             unknown combination_type, unequal ranks for "linear", two sources with their own copy
-            of the same modules_to_save module (as peft), a grouped conv (its B cannot hold
+            of the same modules_to_save module (as peft), trainable token rows, a grouped conv (its B cannot hold
             concatenated ranks), mixed list/regex targets, DoRA adapters (no defined combined
             magnitude).
     """
@@ -244,6 +252,11 @@ def _check_request(model: nn.Module, configs: list[LoraConfig], adapters: list[s
                          f"choose one of {sorted(COMBINATIONS)}")
     if len({isinstance(c.target_modules, str) for c in configs}) > 1:
         raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
+    tokens = [a for a, c in zip(adapters, configs) if c.trainable_token_indices]
+    if tokens:
+        raise ValueError(f"add_weighted_adapter: {tokens} train token rows (trainable_token_indices), which have no "
+                         "weighted combination (each row holds values, not a low-rank delta); combine adapters "
+                         "without them")
     dora = [a for a, c in zip(adapters, configs) if c.use_dora]
     if dora:
         # A combination given fresh magnitudes would be unrelated to the sources' trained ones.

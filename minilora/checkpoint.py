@@ -25,8 +25,9 @@ from minilora.inject import inject, lora_layers, lora_state, require_state
 from minilora.layers import LoraEmbedding, LoraLayer
 from minilora.modules_to_save import ModulesToSave
 from minilora.patterns import PatternError, time_budget
+from minilora.trainable_tokens import TrainableTokens
 from minilora.tree import walk
-from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME,
+from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, TOKEN_KEY, WEIGHTS_NAME,
                                   AdapterFileError, check_digest, check_tensor, config_digest, read_config_file,
                                   read_header, read_tensor, safetensors_bytes)
 
@@ -53,6 +54,13 @@ def _peft_names(model: nn.Module) -> dict[str, tuple[str, str | None]]:
                     names[f"{name}.{key}"] = (f"{name}.{suffix}", adapter)
                 else:
                     names[f"{name}.{key}"] = (f"{name}.base_layer.{key}", None)
+        elif isinstance(module, TrainableTokens):
+            for key in module.state_dict(keep_vars=True):  # (a tied follower holds no rows of its own)
+                head, _, rest = key.partition(".")
+                if head == "tokens":
+                    names[f"{name}.{key}"] = (f"{name}.{TOKEN_KEY}", rest.partition(".")[0])
+                else:
+                    names[f"{name}.{key}"] = (f"{name}.token_adapter.base_layer.{key}", None)
         elif isinstance(module, ModulesToSave):
             for key in module.state_dict(keep_vars=True):
                 head, _, rest = key.partition(".")
@@ -101,6 +109,9 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, str]:
         if isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.modules_to_save:
             for key in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True):
                 slots[f"{name}.{key}"] = f"{name}.modules_to_save.{adapter_name}.{key}"
+    for name, host in walk(model):  # token rows: the owner's only (a tied head follows them)
+        if isinstance(host, TrainableTokens) and host.follows is None and adapter_name in host.tokens:
+            slots[f"{name}.{TOKEN_KEY}"] = f"{name}.tokens.{adapter_name}.delta"
     for peft_key, key in _BIAS_SLOTS[state.configs[adapter_name].bias](model, names, adapter_name):
         slots.setdefault(peft_key, key)
     return {PEFT_PREFIX + k: v for k, v in sorted(slots.items())}

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Union
 
-from minilora.matching import pattern_key
+from minilora.matching import matches_name, pattern_key
 from minilora.patterns import PatternError, compile_pattern
 
 __all__ = ["LoraConfig", "INIT_SCHEMES", "BIAS_MODES", "RANK_LIMIT", "ALPHA_LIMIT"]
@@ -31,7 +31,7 @@ Targets = Union[list[str], str, None]
 
 # The peft feature fields above (see the class), and the bookkeeping ones with their types.
 _FEATURES_OFF = ("use_qalora", "loftq_config", "megatron_config", "layer_replication",
-                 "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+                 "eva_config", "corda_config", "lora_ga_config", "velora_config",
                  "alora_invocation_tokens", "monteclora_config", "target_parameters", "use_bdlora",
                  "arrow_config", "kasa_config")
 _BOOKKEEPING: dict[str, tuple[type, ...]] = {
@@ -113,11 +113,14 @@ class LoraConfig:
         lora_bias: a trainable bias on B (peft's ``lora_bias``).
         use_dora: DoRA (weight-decomposed LoRA): a trainable magnitude per output rescales the
             adapted weight's direction, (m / ‖W + sBA‖) ⊙ (W + sBA); see docs/guide.md.
+        trainable_token_indices: token ids whose embedding rows train (k rows, not the whole
+            matrix): a list for the model's input embedding, or ``{module name: [ids]}``; a head
+            sharing the embedding's weight (tied) follows the same rows. See docs/guide.md.
         task_type: peft's task type; ``"SEQ_CLS"`` also trains ``classifier``/``score`` heads
             and keeps "all-linear" off them.
         inference_mode: adapters are frozen after inject/load.
         base_model_name_or_path: written into adapter_config.json.
-        use_qalora, loftq_config, target_parameters, trainable_token_indices, ...: every
+        use_qalora, loftq_config, target_parameters, ...: every
             other field of ``peft.LoraConfig``, for features minilora does not implement; accepted
             at the value that switches the feature off (a no-op), refused (ValueError) otherwise.
         peft_type, peft_version, revision, auto_mapping, ...: peft's bookkeeping; kept for the
@@ -148,7 +151,7 @@ class LoraConfig:
     loftq_config: dict[str, Any] = field(default_factory=dict)
     megatron_config: dict[str, Any] | None = None
     layer_replication: list[Any] | None = None
-    trainable_token_indices: Any = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     eva_config: Any = None
     corda_config: Any = None
     lora_ga_config: Any = None
@@ -204,6 +207,7 @@ class LoraConfig:
         if not any(init is s if isinstance(s, bool) else init == s for s in INIT_SCHEMES):
             _fail("init_lora_weights", init, f"allowed values are {INIT_SCHEMES}")
         self._validate_layers()
+        self._validate_tokens()
         for name, ok, kind in (("rank_pattern", _rank_ok, f"an integer rank from 1 to {RANK_LIMIT}"),
                                ("alpha_pattern", _alpha_ok, f"an alpha in (0, {ALPHA_LIMIT:g}]")):
             pattern = getattr(self, name)
@@ -262,6 +266,29 @@ class LoraConfig:
             for item in items:  # peft splices it into a regular expression
                 _check_pattern("layers_pattern", pattern, item, "it is used as a regular expression")
 
+    def _validate_tokens(self) -> None:
+        value = self.trainable_token_indices
+        if value is None or _is_off(value, None):
+            return  # (peft writes null; an empty list or dict trains nothing either)
+        form = "a list of token ids, e.g. [32000, 32001], or {module name: [token ids]}, e.g. {'embed_tokens': [32000]}"
+
+        def ids(part: Any) -> list[int]:
+            if not isinstance(part, (list, tuple)) or not part or \
+                    not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in part):
+                _fail("trainable_token_indices", value, f"expected {form}, each list non-empty and of "
+                                                        "non-negative integers")
+            if len(set(part)) != len(part):
+                twice = sorted({i for i in part if list(part).count(i) > 1})
+                _fail("trainable_token_indices", value, f"token ids {twice} are listed twice; give each id once")
+            return list(part)
+
+        if isinstance(value, Mapping):
+            if not all(isinstance(k, str) and k for k in value):
+                _fail("trainable_token_indices", value, f"expected {form}; the keys are module names")
+            object.__setattr__(self, "trainable_token_indices", {k: ids(v) for k, v in value.items()})
+        else:
+            object.__setattr__(self, "trainable_token_indices", ids(value))
+
     # ----------------------------------------------------------------- derived values
     def scaling_for(self, r: int, alpha: float) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA."""
@@ -274,6 +301,17 @@ class LoraConfig:
         key_r, key_a = pattern_key(self.rank_pattern, module_name), pattern_key(self.alpha_pattern, module_name)
         return (self.rank_pattern[key_r] if key_r is not None else self.r,
                 self.alpha_pattern[key_a] if key_a is not None else self.lora_alpha)
+
+    def token_indices_for(self, module_name: str) -> list[int] | None:
+        """The token ids ``trainable_token_indices`` gives ``module_name``: the dict entry naming
+        it (exact, or a suffix on a dot boundary), or the list itself (which names the model's
+        input embedding: the caller knows whether ``module_name`` is that); None otherwise."""
+        value = self.trainable_token_indices
+        if not value:
+            return None
+        if isinstance(value, list):
+            return value
+        return next((ids for key, ids in value.items() if matches_name(module_name, [key])), None)
 
     def replace(self, **changes: Any) -> "LoraConfig":
         """A copy with some fields changed (validated again)."""

@@ -20,6 +20,7 @@ from minilora.layers import (SUPPORTED_TYPES, LoraConv1D, LoraEmbedding, LoraLay
 from minilora.matching import closest_names, is_target, matches_name, unmatched_targets
 from minilora.modules_to_save import ModulesToSave
 from minilora.patterns import time_budget
+from minilora.trainable_tokens import TrainableTokens, token_host_class
 from minilora.tree import hosts, input_requires_grad, set_active, swap, walk
 
 __all__ = ["inject", "find_targets", "adapted_modules", "lora_layers", "trainable_parameters",
@@ -83,11 +84,19 @@ class _Target:
 
 
 @dataclass
+class _Tokens:
+    name: str
+    indices: list[int]
+    follows: str | None = None            # the module whose rows this one shares (tied weight)
+
+
+@dataclass
 class _Plan:
     targets: list[_Target]
     save: list[str]                       # modules_to_save names, outermost only
     ties: list[list[str]]                 # groups of save names sharing one weight
     warnings: list[str]
+    tokens: list[_Tokens] = field(default_factory=list)  # owners first, then the modules following them
 
 
 def _expand_all_linear(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[str]:
@@ -150,7 +159,9 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
     # LoRA layers of earlier adapters count too: wrapping one would hide it inside the copy.
     lora_names = {t.name for t in chosen} | {n for n, m in modules if isinstance(m, LoraLayer)}
     ties = _tied_groups(modules, save, lora_names)
-    return _Plan(chosen, [n for group in ties for n in group if n not in save] + save, ties, notes)
+    save = [n for group in ties for n in group if n not in save] + save
+    tokens = _plan_tokens(model, modules, config, lora_names, save) if config.trainable_token_indices else []
+    return _Plan(chosen, save, ties, notes, tokens)
 
 
 def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, matching: LoraConfig,
@@ -282,6 +293,94 @@ def _tied_groups(modules, save: list[str], lora_names: set[str]) -> list[list[st
     return groups
 
 
+def _input_embedding_name(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> str:
+    """The name of ``model.get_input_embeddings()`` (what a list ``trainable_token_indices``
+    trains), else of the one module named ``embed_tokens``."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = getter() if callable(getter) else None
+    except NotImplementedError:
+        embedding = None
+    found = [n for n, m in modules if n and (m is embedding if embedding is not None else matches_name(n, ["embed_tokens"]))]
+    if len(found) != 1:
+        raise ValueError("trainable_token_indices is a list, which trains the model's input embedding, but this model "
+                         f"has {'no' if not found else len(found)} input embedding(s) (get_input_embeddings(), or a module "
+                         "named embed_tokens); give {module name: [token ids]} instead")
+    return found[0]
+
+
+def _token_module_problem(name: str, module: nn.Module, indices: list[int], lora_names: set[str],
+                          save: list[str]) -> str | None:
+    """Why the rows ``indices`` of module ``name`` cannot train, or None."""
+    if name in lora_names:
+        return f"{name!r} carries LoRA (from this adapter or an earlier one); a module takes LoRA or trainable tokens"
+    if name in save or isinstance(module, ModulesToSave):
+        return (f"{name!r} is trained in full (modules_to_save); as in peft, list it in modules_to_save or in "
+                "trainable_token_indices, not both")
+    base = module.base_layer if isinstance(module, TrainableTokens) else module  # (a host holds the weight)
+    if not isinstance(module, TrainableTokens) and token_host_class(module) is None:
+        return f"{name!r} is a {type(base).__name__}; token rows can be trained in an nn.Embedding or an nn.Linear head"
+    if getattr(base, "max_norm", None) is not None:
+        return f"{name!r} renormalises its rows (max_norm={base.max_norm}), which minilora's token rows do not support"
+    if getattr(base, "embed_scale", None) is not None:
+        return f"{name!r} scales its output (embed_scale), which minilora's token rows do not support"
+    rows = module.weight.shape[0]
+    bad = [i for i in indices if i >= rows]
+    if bad:
+        return f"token ids {bad} are out of range for {name!r}, which has {rows} rows (ids 0..{rows - 1})"
+    return None
+
+
+def _plan_tokens(model: nn.Module, modules: list[tuple[str, nn.Module]], config: LoraConfig, lora_names: set[str],
+                 save: list[str]) -> list[_Tokens]:
+    """Which modules get trainable token rows: the config's, then every module sharing one's
+    weight (a tied head), which follows its rows."""
+    value = config.trainable_token_indices
+    named = {_input_embedding_name(model, modules): value} if isinstance(value, list) else \
+        {n: config.token_indices_for(n) for n, _ in modules if n and config.token_indices_for(n) is not None}
+    if isinstance(value, dict):
+        names = [n for n, _ in modules if n]
+        missing = [k for k in value if not any(matches_name(n, [k]) for n in named)]
+        if missing:
+            raise ValueError("trainable_token_indices names no module for " + "; ".join(_closest_hint(k, names)
+                                                                                        for k in missing))
+    by_name = dict(modules)
+    for name in list(named):  # a head that follows an earlier adapter's rows: its owner takes them
+        module = by_name[name]
+        if isinstance(module, TrainableTokens) and module.follows is not None:
+            owner = next(n for n, m in modules if m is module.follows)
+            named.setdefault(owner, named[name])
+    sharing: dict[int, list[str]] = {}  # weight Parameter -> the modules holding it
+    for n, m in modules:
+        weight = getattr(m, "weight", None) if n else None
+        if isinstance(weight, nn.Parameter):
+            sharing.setdefault(id(weight), []).append(n)
+    owners: list[_Tokens] = []
+    followers: list[_Tokens] = []
+    for name, indices in named.items():
+        module = by_name[name]
+        if any(f.name == name for f in followers) or \
+                (isinstance(module, TrainableTokens) and module.follows is not None):
+            continue  # a tied head named too: it follows its owner (the same ids are checked there)
+        problem = _token_module_problem(name, module, indices, lora_names, save)
+        if problem:
+            raise ValueError(f"trainable_token_indices: {problem}")
+        owners.append(_Tokens(name, indices))
+        for partner in sharing.get(id(module.weight), []):
+            if partner == name:
+                continue
+            if partner in named and named[partner] != indices:
+                raise ValueError(f"trainable_token_indices gives {name!r} ids {indices} and {partner!r} ids "
+                                 f"{named[partner]}, but they share one weight (tied embeddings): the shared rows "
+                                 "must be the same; give both the same ids (or name only the embedding)")
+            problem = _token_module_problem(partner, by_name[partner], indices, lora_names, save)
+            if problem:
+                raise ValueError(f"trainable_token_indices: {partner!r} shares its weight with {name!r} (tied "
+                                 f"embeddings) and must train the same rows, but {problem}")
+            followers.append(_Tokens(partner, indices, follows=name))
+    return owners + followers
+
+
 # ---------------------------------------------------------------- applying
 def _resolve_config(config: LoraConfig | None, targets: Any, fields: dict[str, Any]) -> LoraConfig:
     if config is not None and not isinstance(config, LoraConfig):
@@ -355,6 +454,16 @@ def _apply(model: nn.Module, plan: _Plan, config: LoraConfig, adapter_name: str)
         copies[name] = wrapper.add_copy(adapter_name)
         if wrapper is not module:
             swaps[id(module)] = wrapper
+    hosts_by_name: dict[str, TrainableTokens] = {}
+    for tokens in plan.tokens:  # owners come before the modules following them
+        module = model.get_submodule(tokens.name)
+        if isinstance(module, TrainableTokens):
+            host = module
+        else:
+            host = token_host_class(module)(module, follows=hosts_by_name.get(tokens.follows))
+            swaps[id(module)] = host
+        hosts_by_name[tokens.name] = host
+        host.add_rows(adapter_name, tokens.indices)
     swap(model, swaps)
     for group in plan.ties:
         shared = copies[group[0]].weight

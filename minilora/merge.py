@@ -11,9 +11,10 @@ import torch.nn as nn
 
 from minilora.inject import Untied, lora_layers, lora_state, require_state, unload
 from minilora.layers import LoraLayer
+from minilora.trainable_tokens import token_hosts
 from minilora.tree import hosts, walk
 
-__all__ = ["merge", "unmerge", "merge_and_unload", "disable_adapters"]
+__all__ = ["merge", "unmerge", "merge_and_unload", "disable_adapters", "mergeable"]
 
 
 def _names(model: nn.Module, adapter_names: Sequence[str] | str | None, what: str) -> list[str]:
@@ -22,6 +23,13 @@ def _names(model: nn.Module, adapter_names: Sequence[str] | str | None, what: st
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     require_state(model, what, names)
     return names
+
+
+def mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, host) for every host whose adapters merge into a weight: LoRA layers and
+    trainable-token hosts (both have ``merged``, ``merge_problem``, ``merged_weights``, ``merge``
+    and ``unmerge``)."""
+    return [*lora_layers(model), *token_hosts(model)]
 
 
 def _untie_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
@@ -71,12 +79,15 @@ def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
             bit-exactly (subtracting the rounded delta, in bf16, changes ~41% of the elements).
         adapter_names: which adapters (default: the active ones).
 
+    Trainable token rows (``trainable_token_indices``) are written into their weight in place of
+    the old rows (rounded to its dtype), which are kept, so unmerge restores them exactly.
+
     Merging an adapter twice changes nothing. Returns the model.
     """
     names = _names(model, adapter_names, "merge")
-    layers = list(lora_layers(model))
+    layers = mergeable(model)
     for name, layer in layers:
-        todo = [n for n in names if n in layer.adapters and n not in layer.merged]
+        todo = [n for n in names if n in layer.adapter_modules() and n not in layer.merged]
         if not todo:
             continue
         problem = layer.merge_problem(todo, keep_original)
@@ -89,10 +100,10 @@ def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
             if bad:
                 raise ValueError(f"merging {todo} into {name!r} gives non-finite values in its {bad[0]}; "
                                  "nothing was merged (the adapter weights are probably broken)")
-    _untie_shared(model, [(n, layer) for n, layer in layers
-                          if any(a in layer.adapters and a not in layer.merged for a in names)])
+    _untie_shared(model, [(n, layer) for n, layer in layers if isinstance(layer, LoraLayer)
+                          and any(a in layer.adapters and a not in layer.merged for a in names)])
     for _, layer in layers:
-        layer.merge([n for n in names if n in layer.adapters], keep_original=keep_original)
+        layer.merge([n for n in names if n in layer.adapter_modules()], keep_original=keep_original)
     return model
 
 
@@ -104,7 +115,7 @@ def unmerge(model: nn.Module, adapter_names: Sequence[str] | str | None = None) 
     """
     require_state(model, "unmerge")
     names = None if adapter_names is None else _names(model, adapter_names, "unmerge")
-    for _, layer in lora_layers(model):
+    for _, layer in reversed(mergeable(model)):
         layer.unmerge(names)
     _retie(model)
     return model
@@ -129,7 +140,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """
     require_state(model, "disable_adapters")
     modules = [host for _, host in hosts(model)]
-    merged = [n for n, layer in lora_layers(model) if layer.merged]
+    merged = [n for n, layer in mergeable(model) if layer.merged]
     if merged:
         raise ValueError(f"cannot disable adapters while they are merged (e.g. in {merged[0]!r}); "
                          "call minilora.unmerge(model) first")

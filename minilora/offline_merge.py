@@ -11,6 +11,10 @@ same rows, W + delta computed in ``ops.merge_dtype`` and rounded once. DoRA merg
 the same order as ``LoraLayer.merged_weights``; where outputs are columns (Conv1D, Embedding) a
 first pass sums the norms and a second scales each block.
 
+Trained token rows (``trainable_token_indices``) replace their rows of the weight, rounded to its
+dtype, as ``TrainableTokens.merge`` writes them; every name tied to that weight (known from
+config.json) gets the same rows, as the in-memory merge writes the one shared Parameter.
+
 Tied weights: the checkpoint stores one tensor for the group. If every member merges to the same
 values the group stays tied; otherwise each is written and ``tie_word_embeddings`` set to false,
 as ``merge_and_unload`` unties a LoRA-adapted tied embedding. OUT is written with
@@ -39,7 +43,7 @@ from minilora.patterns import PatternError, time_budget
 from minilora.peft_format import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, AdapterFileError, AdapterModule,
                                   TensorEntry, adapter_modules, check_digest, check_finite, check_tensor,
                                   header_bytes, param_module_key, read_config_file, read_header, read_json, read_tensor,
-                                  tensor_bytes)
+                                  tensor_bytes, token_rows)
 
 __all__ = ["merge_checkpoint", "MergeSummary"]
 
@@ -70,6 +74,7 @@ class MergeSummary:
     skipped_files: list[str] = field(default_factory=list)
     renamed: tuple[str, str] | None = None  # (old prefix, new prefix) of the adapter's module names
     dora_modules: int = 0  # of lora_modules, those with a DoRA magnitude
+    token_weights: int = 0  # weights given trained token rows (trainable_token_indices), tied names included
 
 
 def _shard_name_ok(name: object) -> bool:
@@ -132,10 +137,12 @@ def _checkpoint(base: Path) -> tuple[dict[str, TensorEntry], dict[str, dict[str,
 
 # ---------------------------------------------------------------- understanding the adapter
 def _read_adapter(adapter: Path, base: Path, ck_tensors: dict[str, TensorEntry]
-                  ) -> tuple[LoraConfig, dict[str, TensorEntry], dict[str, AdapterModule], dict[str, str], _Facts]:
+                  ) -> tuple[LoraConfig, dict[str, TensorEntry], dict[str, AdapterModule], dict[str, str],
+                             dict[str, tuple[str, list[int]]], _Facts]:
     """The config, the adapter tensors, LoRA modules by name, checkpoint key -> adapter key for
-    tensors that replace a base tensor (modules_to_save copies, trained biases), and the facts
-    of the base model that reading the adapter's keys needed."""
+    tensors that replace a base tensor (modules_to_save copies, trained biases), module name ->
+    (adapter key, token ids) for trained token rows, and the facts of the base model that reading
+    the adapter's keys needed."""
     config_path, weights_path = adapter / CONFIG_NAME, adapter / WEIGHTS_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"ADAPTER {adapter} has no {CONFIG_NAME}; is it a peft adapter folder?")
@@ -155,20 +162,22 @@ def _read_adapter(adapter: Path, base: Path, ck_tensors: dict[str, TensorEntry]
     try:
         with time_budget():  # rank/alpha patterns from the file are matched below
             modules, replace = adapter_modules(config, tensors, str(weights_path), facts.parameters)
+            tokens = token_rows(config, tensors, str(weights_path))
     except PatternError as err:
         raise AdapterFileError(f"{config_path}: {err}") from None
-    return config, tensors, modules, replace, facts
+    return config, tensors, modules, replace, tokens, facts
 
 
-def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, facts: _Facts, adapter: Path) -> None:
+def _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, facts: _Facts, adapter: Path, rows) -> None:
     """Every adapter tensor is floating point and finite in the dtype it is used in (the merge
-    dtype for factors, the checkpoint's for a replacing tensor), read in blocks of rows."""
+    dtype for factors, the checkpoint's for a replacing tensor or token rows), read in blocks of rows."""
     where = str(adapter / WEIGHTS_NAME)
     uses = [(getattr(m, f), merge_dtype((_stored(ck_tensors, tied_to, m.weight_key)
                                          or facts.stored_as(ck_tensors, m)).torch_dtype))
             for m in modules.values() for f in ("lora_A", "lora_B", "lora_bias", "magnitude")
             if getattr(m, f) is not None]
     uses += [(ad_key, _stored(ck_tensors, tied_to, key).torch_dtype) for key, ad_key in replace.items()]
+    uses += list({(ad_key, _stored(ck_tensors, tied_to, key).torch_dtype) for key, (ad_key, _) in rows.items()})
     for ad_key, dtype in sorted(uses):
         entry = ad_tensors[ad_key]
         check_tensor(where, ad_key, entry.torch_dtype, entry.shape, dtype, entry.shape)
@@ -380,6 +389,32 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, confi
                              f"{list(ad_tensors[ad_key].shape)} but {key!r} in {base} is {list(entry.shape)}")
 
 
+def _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied_to, groups, base: Path
+                 ) -> dict[str, tuple[str, list[int]]]:
+    """Checkpoint weight name -> (adapter key, token ids) for every weight that token rows
+    write: the module's own and, as the in-memory merge writes the one shared Parameter, every
+    name tied to it."""
+    strip, add = renamed or ("", "")
+    lora = {m.name + ".weight" for m in modules.values()}
+    out: dict[str, tuple[str, list[int]]] = {}
+    for name, (ad_key, ids) in tokens.items():
+        key = (add + name[len(strip):] if name.startswith(strip) else name) + ".weight"
+        entry = _stored(ck_tensors, tied_to, key)
+        if entry is None:
+            raise _not_found(key, f"token rows {ad_key!r}", ck_tensors, base)
+        W, D = tuple(entry.shape), tuple(ad_tensors[ad_key].shape)
+        if len(W) != 2 or D[1] != W[1] or max(ids) >= W[0]:
+            raise ValueError(f"adapter does not fit the checkpoint: token rows {ad_key!r} {list(D)} for token ids up "
+                             f"to {max(ids)} need a weight [> {max(ids)}, {D[1]}], but {key!r} in {base} is {list(W)}")
+        for k in next((g for g in groups if key in g), [key]):
+            if k in out or k in replace or k in lora:
+                raise ValueError(f"the adapter trains token rows of {key!r} and also changes {k!r} otherwise (LoRA, "
+                                 "a modules_to_save copy or other token rows); minilora cannot merge both into one "
+                                 "weight")
+            out[k] = (ad_key, ids)
+    return out
+
+
 # ---------------------------------------------------------------- the merge itself
 
 def _check_merged(key: str, base: torch.Tensor, merged: torch.Tensor, dora: bool = False) -> None:
@@ -410,9 +445,9 @@ def _check_norm(key: str, norm: torch.Tensor, first: int = 0) -> None:
 class _Merger:
     """Computes merged checkpoint tensors one block of rows at a time."""
 
-    def __init__(self, ad_tensors, modules, replace, ck_tensors, tied_to, facts):
+    def __init__(self, ad_tensors, modules, replace, ck_tensors, tied_to, facts, rows):
         self.ad_tensors, self.ck_tensors, self.tied_to, self.facts = ad_tensors, ck_tensors, tied_to, facts
-        self.replace = replace
+        self.replace, self.rows = replace, rows
         self.by_weight = {m.weight_key: m for m in modules.values()}
         self.by_bias = {m.name + ".bias": m for m in modules.values() if m.lora_bias is not None}
 
@@ -420,7 +455,8 @@ class _Merger:
         return read_tensor(self.ad_tensors[key])
 
     def touches(self, key: str) -> bool:
-        return key in self.replace or key in self.by_weight or key in self.by_bias or key in self.facts.experts
+        return (key in self.replace or key in self.by_weight or key in self.by_bias or key in self.rows
+                or key in self.facts.experts)
 
     def blocks(self, key: str) -> Iterator[torch.Tensor]:
         """The merged tensor for checkpoint name ``key`` (stored under its own or its tied name),
@@ -439,6 +475,7 @@ class _Merger:
             yield from self._dora_blocks(key, m, source, entry, A, B, self._adapter(m.magnitude))
             return
         bias = self._adapter(mb.lora_bias) if mb is not None else None
+        tokens = self._token_rows(key, dtype)
         for rows in row_blocks(entry.shape):
             base = read_tensor(source, rows).to(dtype)
             t = base
@@ -451,6 +488,8 @@ class _Merger:
                 t = t.to(dtype)
             if bias is not None:
                 t = (t + mb.scaling * bias[rows]).to(dtype)
+            if tokens is not None:
+                t = self._write_rows(t, rows, *tokens)
             if t is not base and t.is_floating_point():
                 _check_merged(key, base, t)
             yield t
@@ -469,6 +508,22 @@ class _Merger:
             t = lora_delta(A3[expert], B3[expert], m.scaling, merge_dtype(dtype), rows=inner).add_(base).to(dtype)
             _check_merged(key, base, t)
             yield t
+
+    def _token_rows(self, key: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token ids (k,), their rows (k, dim) rounded to ``dtype``) written into ``key``, or None."""
+        if key not in self.rows:
+            return None
+        ad_key, ids = self.rows[key]
+        # As TrainableTokens.merge: the trained rows replace the old ones, rounded to the weight dtype.
+        return torch.tensor(ids, dtype=torch.long), self._adapter(ad_key).to(dtype)
+
+    @staticmethod
+    def _write_rows(block: torch.Tensor, rows: slice, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``block`` (rows ``rows`` of a weight) with the token rows among them replaced."""
+        inside = (ids >= rows.start) & (ids < rows.stop)
+        if not inside.any():
+            return block
+        return block.index_copy(0, ids[inside] - rows.start, values[inside])
 
     @staticmethod
     def _dora_blocks(key: str, m: AdapterModule, source: TensorEntry, entry: TensorEntry, A: torch.Tensor,
@@ -634,7 +689,7 @@ class _Plan:
 
 def _plan(base: Path, adapter: Path) -> _Plan:
     ck_tensors, shard_meta, index = _checkpoint(base)
-    config, ad_tensors, modules, replace, facts = _read_adapter(adapter, base, ck_tensors)
+    config, ad_tensors, modules, replace, tokens, facts = _read_adapter(adapter, base, ck_tensors)
     groups = facts.groups
     for m in modules.values():
         m.transposed = m.parameter and m.name in facts.transposed
@@ -643,9 +698,10 @@ def _plan(base: Path, adapter: Path) -> _Plan:
     tied_to = {k: next(s for s in g if s in ck_tensors) for g in tied_groups for k in g if k not in ck_tensors}
     modules, replace, renamed = _align_prefix(modules, replace, set(ck_tensors) | set(tied_to) | set(facts.parts))
     _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, config, base, adapter)
-    _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, facts, adapter)
+    rows = _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied_to, groups, base)
+    _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, facts, adapter, rows)
     return _Plan(ck_tensors, shard_meta, index, modules, replace, tied_groups, renamed,
-                 _Merger(ad_tensors, modules, replace, ck_tensors, tied_to, facts))
+                 _Merger(ad_tensors, modules, replace, ck_tensors, tied_to, facts, rows))
 
 
 def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
@@ -666,7 +722,8 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
         FileExistsError: ``out`` exists.
         ValueError: the adapter does not fit the checkpoint (missing module, shape mismatch,
             rank not matching its config, DoRA magnitudes present or missing against the config's
-            ``use_dora``) or is another LoRA variant, or a file of either is malformed; a DoRA norm
+            ``use_dora``, token rows not fitting the weight or the config's token ids, token rows
+            and another change to one weight) or is another LoRA variant, or a file of either is malformed; a DoRA norm
             ‖W + s·B@A‖ is zero or not finite; ``out`` is inside ``base``; a file in ``base``
             cannot be copied (a symlink loop, a pipe). Nothing is written.
         OSError: writing failed (a read-only folder, the disk full, ...). Nothing is written.
@@ -729,4 +786,4 @@ def _write(plan: _Plan, base: Path, tmp: Path, out: Path, progress: Progress | N
         _write_json(tmp / "config.json", {**read_json(tmp / "config.json", "a transformers model config"),
                                           "tie_word_embeddings": False})
     return MergeSummary(out, len(plan.modules), len(plan.replace), total, len(by_shard), written, untied, skipped,
-                        plan.renamed, sum(m.magnitude is not None for m in plan.modules.values()))
+                        plan.renamed, sum(m.magnitude is not None for m in plan.modules.values()), len(merger.rows))

@@ -22,11 +22,13 @@ from typing import Any
 import torch
 
 from minilora.config import LoraConfig
+from minilora.matching import matches_name
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX", "FACTOR_KEYS", "DIGEST_KEY",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX", "FACTOR_KEYS", "TOKEN_KEY", "DIGEST_KEY",
            "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "AdapterFileError", "TensorEntry", "read_json",
-           "param_module_key", "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor", "check_tensor",
-           "check_finite", "header_bytes", "tensor_bytes", "safetensors_bytes", "AdapterModule", "adapter_modules"]
+           "param_module_key", "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor",
+           "check_tensor", "check_finite", "header_bytes", "tensor_bytes", "safetensors_bytes", "AdapterModule",
+           "adapter_modules", "token_rows"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,6 +43,10 @@ FACTOR_KEYS: dict[bool, dict[str, str]] = {
             "magnitude": "lora_magnitude_vector"},
     True: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "magnitude": "lora_magnitude_vector"},
 }
+#: peft's key suffix for a module's trained token rows (``trainable_token_indices``): (k, dim).
+TOKEN_KEY = "token_adapter.trainable_tokens_delta"
+
+
 def param_module_key(module: str, index: int, count: int) -> str:
     """peft's module path for LoRA on the ``index``-th of ``count`` adapted parameters of
     ``module`` (in the module's parameter order): peft nests one wrapper per parameter, the first
@@ -386,6 +392,8 @@ def adapter_modules(config: LoraConfig, tensors: Mapping[str, TensorEntry], wher
             raise ValueError(f"{where}: adapter tensor {key!r} names no module after {PEFT_PREFIX!r}; the file is "
                              "not in peft's format")
         suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
+        if name.endswith("." + TOKEN_KEY):
+            continue  # token rows: see token_rows
         if suffix is not None:
             factor, embedding = _SUFFIXES[suffix]
             module = modules.setdefault(name[: -len(suffix)], AdapterModule(name[: -len(suffix)]))
@@ -446,3 +454,37 @@ def _check_dora(config: LoraConfig, modules: Mapping[str, AdapterModule], where:
     raise AdapterFileError(
         f"{where} has the unexpected key {modules[odd[0]].magnitude!r}{more}, a DoRA magnitude of LoRA module "
         f"{odd[0]!r}, but {CONFIG_NAME} says use_dora=false; the file does not belong to this config")
+
+
+def token_rows(config: LoraConfig, tensors: Mapping[str, TensorEntry], where: str) -> dict[str, tuple[str, list[int]]]:
+    """Module name -> (file key, token ids) for every module whose token rows the adapter file
+    holds (``trainable_token_indices``); each ``(k, dim)`` with k the config's ids for it.
+
+    Raises:
+        ValueError: token rows without ``trainable_token_indices`` in the config, rows of a module
+            the config gives no ids, a shape that is not (number of ids, dim), or a module of the
+            config's dict form that the file has no rows for.
+    """
+    found: dict[str, tuple[str, list[int]]] = {}
+    for key in tensors:
+        name = key[len(PEFT_PREFIX):-len(TOKEN_KEY) - 1]
+        if not key.startswith(PEFT_PREFIX) or not key.endswith("." + TOKEN_KEY) or not name:
+            continue
+        ids = config.token_indices_for(name)
+        if ids is None:
+            given = config.trainable_token_indices
+            raise ValueError(f"{where} has token rows {key!r}, but {CONFIG_NAME} gives {name!r} no token ids "
+                             f"(trainable_token_indices={given!r}); the config and the weights do not belong together")
+        shape = tuple(tensors[key].shape)
+        if len(shape) != 2 or shape[0] != len(ids):
+            raise ValueError(f"{where}: token rows {key!r} have shape {list(shape)}, but {CONFIG_NAME} gives "
+                             f"{name!r} {len(ids)} token ids, so they must be [{len(ids)}, dim]; the file is malformed")
+        found[name] = (key, ids)
+    value = config.trainable_token_indices
+    wanted = list(value) if isinstance(value, dict) else ["the input embedding"] if value else []
+    missing = [w for w in wanted if not any(isinstance(value, list) or matches_name(n, [w]) for n in found)]
+    if missing:
+        raise AdapterFileError(f"{where} lacks the token rows ({TOKEN_KEY}) that {CONFIG_NAME} implies for "
+                               f"{missing[0]!r} (trainable_token_indices={value!r}); the file does not belong to "
+                               "this config")
+    return found

@@ -17,6 +17,7 @@ import minilora
 from minilora import ops
 from minilora.offline_merge import merge_checkpoint
 from minilora.peft_format import safetensors_bytes
+from minilora.trainable_tokens import token_hosts
 from tiny_models import EmbedConv1D, build, randomize_adapters
 
 pytest.importorskip("transformers")  # transformers' Conv1D (GPT-2)
@@ -75,5 +76,101 @@ def test_grouped_conv_is_refused_by_both_merges_in_the_same_words(tmp_path):
     with pytest.raises(ValueError, match=problem):
         minilora.merge_and_unload(model)
     with pytest.raises(ValueError, match=rf"'conv0': {problem}"):
+        merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- trainable token rows
+# (model overrides, trainable_token_indices, whether the checkpoint stores the tied lm_head.weight
+# too: transformers' save_pretrained drops it, a plain state-dict dump keeps both names)
+TOKEN_CASES = {
+    "untied-list": ({}, [3, 5, 40], True),
+    "untied-dict-head": ({}, {"embed_tokens": [3, 5], "lm_head": [1, 40]}, True),
+    "tied-one-stored": ({"tie_word_embeddings": True}, [3, 5, 40], False),
+    "tied-both-stored": ({"tie_word_embeddings": True}, {"embed_tokens": [3, 5, 40]}, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(TOKEN_CASES))
+def test_offline_merge_writes_token_rows_bit_identically(tmp_path, case, dtype):
+    overrides, indices, both = TOKEN_CASES[case]
+    model = build("llama", **overrides).to(dtype)
+    (tmp_path / "base").mkdir()
+    model.config.architectures = ["LlamaForCausalLM"]  # as save_pretrained writes it
+    model.config.save_pretrained(tmp_path / "base")  # config.json: the offline merge learns the ties from it
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if both or k != "lm_head.weight"}
+    (tmp_path / "base" / "model.safetensors").write_bytes(safetensors_bytes(state, {"format": "pt"}))
+    model = minilora.inject(model, target_modules=["q_proj"], r=4, init_lora_weights=False,
+                            trainable_token_indices=indices)
+    randomize_adapters(model)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, host in token_hosts(model):
+            for rows in host.tokens.values():
+                rows.delta.add_(torch.randn(rows.delta.shape, generator=g).to(rows.delta.dtype))
+    minilora.save_adapter(model, tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    want = minilora.merge_and_unload(model).state_dict()
+    assert sorted(got) == sorted(k for k in want if both or k != "lm_head.weight")
+    for key in got:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert not torch.equal(got["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
+    if "lm_head.weight" in got and (overrides or isinstance(indices, dict)):  # tied, or rows of its own
+        assert not torch.equal(got["lm_head.weight"], state["lm_head.weight"])
+
+
+def test_offline_merge_refuses_token_rows_that_do_not_fit(tmp_path):
+    model = build("llama")
+    (tmp_path / "base").mkdir()
+    small = {k: v for k, v in model.state_dict().items()}
+    small["model.embed_tokens.weight"] = small["model.embed_tokens.weight"][:10].clone()
+    (tmp_path / "base" / "model.safetensors").write_bytes(safetensors_bytes(small, {"format": "pt"}))
+    model = minilora.inject(model, target_modules=["q_proj"], trainable_token_indices=[3, 40])
+    minilora.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"token rows .* for token ids up to 40 .* is \[10, 32\]"):
+        merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_merge_of_a_peft_adapter_writes_peft_rows(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = build("llama", tie_word_embeddings=True)
+    (tmp_path / "base").mkdir()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.save_pretrained(tmp_path / "base")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    (tmp_path / "base" / "model.safetensors").write_bytes(safetensors_bytes(state, {"format": "pt"}))
+    pm = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3, 9]))
+    with torch.no_grad():
+        pm.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].add_(1.0)
+    pm.save_pretrained(tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    want = pm.merge_and_unload().state_dict()
+    assert sorted(got) == sorted(k for k in want if k != "lm_head.weight")
+    assert torch.equal(got["model.embed_tokens.weight"], want["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(trainable_token_indices=None), "gives 'model.embed_tokens' no token ids"),
+    (dict(trainable_token_indices={"lm_head": [3, 40]}), "gives 'model.embed_tokens' no token ids"),
+    (dict(trainable_token_indices=[3, 40, 41]), r"must be \[3, dim\]"),
+])
+def test_offline_merge_refuses_token_rows_against_their_config(tmp_path, change, words):
+    import json
+    model = build("llama")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(safetensors_bytes(
+        {k: v.detach().clone() for k, v in model.state_dict().items()}, {"format": "pt"}))
+    minilora.save_adapter(minilora.inject(model, target_modules=["q_proj"], trainable_token_indices=[3, 40]),
+                          tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"  # without minilora's config digest, as peft's
+    weights.write_bytes(safetensors_bytes(load_file(weights), {"format": "pt"}))
+    with pytest.raises(ValueError, match=words):
         merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"merged {s.lora_modules} LoRA modules{dora} and replaced {s.replaced} tensors (modules_to_save / biases): "
           f"{s.tensors} tensors in {s.shards} shard(s), {s.bytes_written / 2**20:.1f} MiB, "
           f"{time.perf_counter() - start:.1f} s -> {s.out}")
+    if s.token_weights:
+        print(f"wrote trained token rows (trainable_token_indices) into {s.token_weights} weight(s)")
     if s.untied:
         print(f"tied weights {s.untied} now differ from the embedding they were tied to: written separately, "
               "tie_word_embeddings set to false in config.json")
