@@ -244,6 +244,11 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, conv1d, conf
     """Check every adapter tensor against the checkpoint before anything is written."""
     for m in modules.values():
         entry = _stored(ck_tensors, tied_to, m.name + ".weight")
+        if entry is None and (".base_layer." in m.name or m.name + ".in_proj_weight" in ck_tensors):
+            attention = m.name.split(".base_layer.")[0]
+            raise ValueError(f"LoRA module {m.name!r} is part of LoRA on the nn.MultiheadAttention {attention!r} "
+                             "(its in_proj_weight and out_proj), which minilora merge does not merge; load the model, "
+                             "minilora.load_adapter, minilora.merge_and_unload, then save it")
         if entry is None:
             raise _not_found(m.name + ".weight", f"LoRA module {m.name!r}", ck_tensors, base)
         A, B, W = tuple(ad_tensors[m.lora_A].shape), tuple(ad_tensors[m.lora_B].shape), tuple(entry.shape)
