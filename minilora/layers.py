@@ -655,8 +655,8 @@ class LoraMultiheadAttention(LoraLayer):
         if config.use_dora:
             return "DoRA on nn.MultiheadAttention is not supported (nor by peft); set use_dora=False or exclude it"
         if config.lora_bias:
-            return ("lora_bias=True on nn.MultiheadAttention is not supported (peft saves a bias on in_proj's B but "
-                    "never applies it); set lora_bias=False or exclude it")
+            return ("lora_bias=True on nn.MultiheadAttention is not supported: its LoRA goes into the weights, where "
+                    "a bias on B has no place; set lora_bias=False or exclude it")
         return None
 
     def inner_hosts(self) -> dict[str, AdapterHost]:
@@ -708,7 +708,7 @@ class LoraMultiheadAttention(LoraLayer):
         if self.out_proj.bias is not None:
             tensors["out_proj.bias"] = self.out_proj.bias
         out, weights = torch.func.functional_call(self.base_layer, tensors, (query, key, value, *args), kwargs)
-        # peft casts back to the query's dtype (autocast may have run the projections lower).
+        # Autocast may have run the projections in a lower dtype: answer in the query's.
         return out.to(query.dtype), None if weights is None else weights.to(query.dtype)
 
     def unwrap(self) -> nn.Module:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 import minilora
 from minilora.inject import lora_layers
 from minilora.layers import LoraLinear, LoraMultiheadAttention
+from minilora.model_config import adaptable_modules
 from minilora.offline_merge import merge_checkpoint
 
 peft = pytest.importorskip("peft")
@@ -220,6 +221,14 @@ def test_matches_peft(case, variant, dtype):
         for name, mine, theirs in pairs:
             assert max_rel_err(mine, theirs) <= tol, name
     assert max_rel_err(outputs(ours, inputs), outputs(pm, inputs)) <= tol
+    for key, tensor in base.state_dict().items():  # training wrote nothing into the base weights
+        assert torch.equal(ours.state_dict()[key], tensor), key
+    # eval under inference_mode without weights: nn.MultiheadAttention's fast path, where it applies
+    ours.eval()
+    pm.eval()
+    with torch.inference_mode():
+        fast = dict(inputs, need_weights=False)
+        assert max_rel_err(outputs(ours, fast), outputs(pm, fast)) <= tol
 
 
 @pytest.mark.parametrize("case", list(PEFT_CASES))
@@ -295,6 +304,17 @@ def test_bf16_outputs_and_gradients_match_peft(case):
             if isinstance(module, PeftLoraLayer):
                 module.scaling["default"] *= 2
         assert max_rel_err(outputs(pm, inputs), y_peft) > 2 * BF16_TOL
+
+
+def test_safe_merge_refuses_a_broken_out_proj_adapter_and_merges_nothing():
+    _, ours, _, _ = build_pair(PEFT_CASES["MHA 1 LoRA"])
+    before = copy.deepcopy(ours.state_dict())
+    with torch.no_grad():
+        ours.mha.out_proj.adapters["default"].lora_B[0, 0] = float("inf")
+    before["mha.out_proj.adapters.default.lora_B"] = ours.mha.out_proj.adapters["default"].lora_B.clone()
+    with pytest.raises(ValueError, match="'mha.out_proj'.*non-finite"):
+        minilora.merge(ours, safe=True)
+    assert unchanged(ours, before) and not ours.mha.merged and not ours.mha.out_proj.merged
 
 
 def test_peft_0_21_doubles_out_proj_delta():
@@ -430,6 +450,11 @@ def test_all_linear_leaves_out_proj_out_and_says_so():
     with pytest.warns(UserWarning, match="leaves out"):
         minilora.inject(model, minilora.LoraConfig(target_modules="all-linear"), adapter_name="c")
     assert "c" not in model.mha.out_proj.adapters
+
+
+def test_inspect_lists_the_attention_not_its_out_proj():
+    model, _ = make_base()
+    assert adaptable_modules(model) == {"mha": "MultiheadAttention 10, 2 heads", "lin0": "Linear 10->2"}
 
 
 def test_dropout_does_not_apply_and_says_so():
