@@ -186,18 +186,7 @@ def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, ma
         if cls is None:
             raise ValueError(f"module {name!r} matches target_modules but is a {type(base).__name__}; "
                              f"LoRA supports {SUPPORTED_TYPES}. Narrow target_modules to its linear sub-layers")
-        attention = _attention_of(name, modules)
-        if attention:
-            raise ValueError(f"module {name!r} matches target_modules but is the out_proj of the nn.MultiheadAttention "
-                             f"{attention!r}, which passes its weight to F.multi_head_attention_forward and never calls "
-                             f"it: LoRA there would do nothing (peft adds one anyway). Target {attention!r} instead "
-                             "(LoRA on its in_proj_weight and out_proj)")
-        problem = cls.target_problem(base, config)
-        if problem:
-            raise ValueError(f"target {name!r}: {problem}")
-        if cls is LoraMultiheadAttention and config.lora_dropout and not config.inference_mode:
-            notes.append(f"lora_dropout={config.lora_dropout} does not apply to {name!r}: LoRA on nn.MultiheadAttention "
-                         "is added to its weights, there is no branch input to drop (peft ignores it there too)")
+        _check_kind(name, modules, cls, base, config, notes)
         if config.use_dora and not cls.supports_dora:
             raise ValueError(f"use_dora=True on {name!r}, a {type(base).__name__}: DoRA over a quantized base is not "
                              "supported by minilora; use plain LoRA (use_dora=False) there, or exclude it")
@@ -229,6 +218,24 @@ def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, ma
                      "(as in peft): their outputs change. Give the PiSSA/OLoRA adapter a model of its own if that "
                      "is not wanted")
     return chosen
+
+
+def _check_kind(name: str, modules: list[tuple[str, nn.Module]], cls: type[LoraLayer], base: nn.Module,
+                config: LoraConfig, notes: list[str]) -> None:
+    """Refuse what the target's kind cannot take (its ``target_problem``; an attention's out_proj);
+    note what it ignores."""
+    attention = _attention_of(name, modules)
+    if attention:
+        raise ValueError(f"module {name!r} matches target_modules but is the out_proj of the nn.MultiheadAttention "
+                         f"{attention!r}, which passes its weight to F.multi_head_attention_forward and never calls "
+                         f"it: LoRA there would do nothing (peft adds one anyway). Target {attention!r} instead "
+                         "(LoRA on its in_proj_weight and out_proj)")
+    problem = cls.target_problem(base, config)
+    if problem:
+        raise ValueError(f"target {name!r}: {problem}")
+    if cls is LoraMultiheadAttention and config.lora_dropout and not config.inference_mode:
+        notes.append(f"lora_dropout={config.lora_dropout} does not apply to {name!r}: LoRA on nn.MultiheadAttention "
+                     "is added to its weights, there is no branch input to drop (peft ignores it there too)")
 
 
 def _check_matched(modules: list[tuple[str, nn.Module]], names: list[str], config: LoraConfig,

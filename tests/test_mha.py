@@ -381,6 +381,21 @@ def test_multi_adapter_disable_and_delete():
         assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
             f"{m}.adapters.{a}.lora_{f}" for m in ("mha", "mha.out_proj") for a in ("default", "other")
             for f in "AB"} | {"lin0.adapters.default.lora_A", "lin0.adapters.default.lora_B"}
+    # both active: each adapter's factors get their gradient (peft 0.21 gives the first one none)
+    minilora.set_adapter(ours, ["default", "other"])
+    pm.base_model.set_adapter(["default", "other"])
+    for name, p in pm.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    loss_of(outputs(ours, inputs)).backward()
+    loss_of(outputs(pm, inputs)).backward()
+    theirs = dict(pm.named_parameters())
+    for name, p in ours.named_parameters():
+        if ".adapters." in name and name.startswith("mha"):
+            assert p.grad is not None and p.grad.abs().max() > 0, name
+            their = theirs[peft_name(name)].grad
+            if ".other." in name:
+                assert (p.grad - their).abs().max() <= FP64_TOL * their.abs().max(), name
+    with torch.no_grad():
         with minilora.disable_adapters(ours):
             assert torch.equal(outputs(ours, inputs), base_out)
         minilora.set_adapter(ours, "default")
