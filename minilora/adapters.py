@@ -221,7 +221,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                    for _, layer in layers]
 
     # Apply.
-    config = _combined_config(configs, rank, [name for name, _ in layers],
+    inner = {id(h) for _, layer in layers for h in layer.inner_hosts().values()}  # come with their outer layer
+    config = _combined_config(configs, rank, [name for name, layer in layers if id(layer) not in inner],
                               lora_bias=any(bias is not None for *_, bias in results))
     for layer, B, A, bias in results:
         _add_combined(layer, adapter_name, config, B, A, bias)

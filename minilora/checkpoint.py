@@ -26,7 +26,7 @@ from minilora.layers import LoraEmbedding, LoraLayer
 from minilora.modules_to_save import ModulesToSave
 from minilora.patterns import PatternError, time_budget
 from minilora.trainable_tokens import TrainableTokens
-from minilora.tree import walk
+from minilora.tree import AdapterHost, walk
 from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, TOKEN_KEY, WEIGHTS_NAME,
                                   AdapterFileError, check_digest, check_tensor, config_digest, read_config_file,
                                   read_header, read_tensor, safetensors_bytes)
@@ -40,20 +40,26 @@ def _peft_names(model: nn.Module) -> dict[str, tuple[str, str | None]]:
     """Model state-dict key -> (its file key with the adapter name removed, owning adapter).
     Keys outside LoRA layers and modules_to_save wrappers are absent (they map to themselves)."""
     names: dict[str, tuple[str, str | None]] = {}
+    paths: dict[str, str] = {}  # module name -> its path in peft's model
     for name, module in walk(model):
+        path = paths.setdefault(name, name)
+        if isinstance(module, AdapterHost):  # peft keeps a module nested in an adapted one under base_layer
+            paths.update({f"{name}.{child}": f"{path}.base_layer.{child}" for child in module.inner_hosts()})
         if isinstance(module, LoraLayer):
             suffixes = FACTOR_KEYS[isinstance(module, LoraEmbedding)]
             for key in module.state_dict(keep_vars=True):
                 head, _, rest = key.partition(".")
+                if head in module.inner_hosts():
+                    continue  # named when the walk reaches that host
                 if head == "adapters":
                     adapter, _, param = rest.partition(".")
                     suffix = suffixes.get(param)
                     if suffix is None:
                         raise ValueError(f"{name!r}: peft's format has no key for a {param} on an Embedding "
                                          f"layer (adapter {adapter!r}), so it cannot be saved; use lora_bias=False")
-                    names[f"{name}.{key}"] = (f"{name}.{suffix}", adapter)
+                    names[f"{name}.{key}"] = (f"{path}.{suffix}", adapter)
                 else:
-                    names[f"{name}.{key}"] = (f"{name}.base_layer.{key}", None)
+                    names[f"{name}.{key}"] = (f"{path}.base_layer.{key}", None)
         elif isinstance(module, TrainableTokens):
             for key in module.state_dict(keep_vars=True):  # (a tied follower holds no rows of its own)
                 head, _, rest = key.partition(".")
@@ -83,7 +89,7 @@ def _bias_lora_only(model, names, adapter_name):
     # peft: the base bias of every LoRA layer in the model (whichever adapter made it).
     for name, layer in lora_layers(model):
         if layer.bias is not None:
-            yield f"{name}.base_layer.bias", f"{name}.bias"
+            yield names[f"{name}.bias"][0], f"{name}.bias"
 
 
 _BIAS_SLOTS = {"none": lambda model, names, adapter_name: (), "all": _bias_all, "lora_only": _bias_lora_only}

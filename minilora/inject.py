@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from minilora.config import LoraConfig
 from minilora.layers import (SUPPORTED_TYPES, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear,
-                             lora_layer_class, unsupported_reason)
+                             LoraMultiheadAttention, lora_layer_class, unsupported_reason)
 from minilora.matching import closest_names, is_target, matches_name, unmatched_targets
 from minilora.modules_to_save import ModulesToSave
 from minilora.patterns import time_budget
@@ -111,6 +111,15 @@ def _expand_all_linear(model: nn.Module, modules: list[tuple[str, nn.Module]]) -
             if linear_like(_base_type(m)) and out_emb is not m and out_emb is not _base_type(m)]
 
 
+def _attention_of(name: str, modules: list[tuple[str, nn.Module]]) -> str | None:
+    """The nn.MultiheadAttention (plain or adapted) whose ``out_proj`` module ``name`` is, or None."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf != "out_proj":
+        return None
+    owner = next((m for n, m in modules if n == parent), None)
+    return parent if isinstance(_base_type(owner), nn.MultiheadAttention) else None
+
+
 def _closest_hint(target: str, names: list[str]) -> str:
     close = closest_names(target, names)
     return f"{target!r} (closest: {', '.join(close)})" if close else f"{target!r} (nothing similar)"
@@ -149,6 +158,12 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
                          "targets=['q_proj', 'v_proj'], a regex string, or 'all-linear'")
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _expand_all_linear(model, modules)
+        skipped = [n for n in targets if _attention_of(n, modules)]
+        if skipped:
+            targets = [n for n in targets if n not in skipped]
+            notes.append(f"'all-linear' leaves out {skipped}: the out_proj of an nn.MultiheadAttention is never called, "
+                         "so LoRA there would do nothing (peft adds one anyway); target the attention module itself "
+                         f"(e.g. {_attention_of(skipped[0], modules)!r}) to adapt it")
     save_names = list(config.modules_to_save or [])
     if config.task_type == "SEQ_CLS":  # peft's sequence-classification model trains its head too
         save_names += [h for h in _SEQ_CLS_HEADS if h in names and h not in save_names]
@@ -182,6 +197,7 @@ def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, ma
         if cls is None:
             raise ValueError(f"module {name!r} matches target_modules but is a {type(base).__name__}; "
                              f"LoRA supports {SUPPORTED_TYPES}. Narrow target_modules to its linear sub-layers")
+        _check_kind(name, modules, cls, base, config, notes)
         if config.use_dora and not cls.supports_dora:
             raise ValueError(f"use_dora=True on {name!r}, a {type(base).__name__}: DoRA over a quantized base is not "
                              "supported by minilora; use plain LoRA (use_dora=False) there, or exclude it")
@@ -213,6 +229,24 @@ def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, ma
                      "(as in peft): their outputs change. Give the PiSSA/OLoRA adapter a model of its own if that "
                      "is not wanted")
     return chosen
+
+
+def _check_kind(name: str, modules: list[tuple[str, nn.Module]], cls: type[LoraLayer], base: nn.Module,
+                config: LoraConfig, notes: list[str]) -> None:
+    """Refuse what the target's kind cannot take (its ``target_problem``; an attention's out_proj);
+    note what it ignores."""
+    attention = _attention_of(name, modules)
+    if attention:
+        raise ValueError(f"module {name!r} matches target_modules but is the out_proj of the nn.MultiheadAttention "
+                         f"{attention!r}, which passes its weight to F.multi_head_attention_forward and never calls "
+                         f"it: LoRA there would do nothing (peft adds one anyway). Target {attention!r} instead "
+                         "(LoRA on its in_proj_weight and out_proj)")
+    problem = cls.target_problem(base, config)
+    if problem:
+        raise ValueError(f"target {name!r}: {problem}")
+    if cls is LoraMultiheadAttention and config.lora_dropout and not config.inference_mode:
+        notes.append(f"lora_dropout={config.lora_dropout} does not apply to {name!r}: LoRA on nn.MultiheadAttention "
+                     "is added to its weights, there is no branch input to drop (peft ignores it there too)")
 
 
 def _check_matched(modules: list[tuple[str, nn.Module]], names: list[str], config: LoraConfig,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
@@ -34,11 +34,14 @@ from minilora import ops
 from minilora.ops import merge_dtype
 from minilora.tree import AdapterHost
 
+if TYPE_CHECKING:
+    from minilora.config import LoraConfig
+
 __all__ = ["LoraAdapter", "LoraLayer", "LoraLinear", "LoraConv1D", "LoraEmbedding", "LoraConv",
-           "lora_layer_class", "unsupported_reason", "merge_dtype", "SUPPORTED_TYPES"]
+           "LoraMultiheadAttention", "lora_layer_class", "unsupported_reason", "merge_dtype", "SUPPORTED_TYPES"]
 
 SUPPORTED_TYPES = ("nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, "
-                   "bitsandbytes Linear4bit and Linear8bitLt")
+                   "nn.MultiheadAttention, bitsandbytes Linear4bit and Linear8bitLt")
 
 
 class LoraAdapter(nn.Module):
@@ -108,13 +111,7 @@ class LoraLayer(AdapterHost):
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "base_layer", base)  # kept out of the module tree on purpose
-        self.weight = base.weight
-        self.register_parameter("bias", getattr(base, "bias", None))
-        # The tensors now live here only: a second reference from base_layer would keep the full
-        # weight alive on every rank after FSDP shards this layer. unwrap puts them back.
-        for tensor_name in ("weight", "bias"):
-            if tensor_name in base._parameters:
-                base._parameters[tensor_name] = None
+        self._take_parameters(base)
         self.adapters = nn.ModuleDict()
         self.merged: list[str] = []  # adapters whose deltas are in the weight, in merge order
         # merge(keep_original=True)'s CPU copy of (weight, bias), for a bit-exact unmerge.
@@ -123,10 +120,25 @@ class LoraLayer(AdapterHost):
         # LoRA dropout on (forward checks self.training).
         self.train(base.training)
 
+    def _take_parameters(self, base: nn.Module) -> None:
+        """Register the base's tensors on this layer under their names (``weight``, ``bias``)."""
+        self.weight = base.weight
+        self.register_parameter("bias", getattr(base, "bias", None))
+        # The tensors now live here only: a second reference from base_layer would keep the full
+        # weight alive on every rank after FSDP shards this layer. unwrap puts them back.
+        for tensor_name in ("weight", "bias"):
+            if tensor_name in base._parameters:
+                base._parameters[tensor_name] = None
+
     # ------------------------------------------------------------ adapters
     @staticmethod
     def rank_problem(base: nn.Module, r: int) -> str | None:
         """Why rank ``r`` cannot be used on ``base``, or None (inject asks before building)."""
+        return None
+
+    @staticmethod
+    def target_problem(base: nn.Module, config: LoraConfig) -> str | None:
+        """Why ``config`` cannot put LoRA on ``base`` at all, or None (inject asks before building)."""
         return None
 
     def add_adapter(self, name: str, *, r: int, alpha: float, scaling: float, dropout: float,
@@ -586,6 +598,131 @@ class LoraConv(LoraLayer):
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+class LoraMultiheadAttention(LoraLayer):
+    """LoRA on ``nn.MultiheadAttention`` with q, k and v of one size: A (r, E), B (3E, r) on the packed
+    ``in_proj_weight`` (3E, E), and a :class:`LoraLinear` on ``out_proj`` with the same adapters (an
+    inner host: merges, saving and trainability treat it as a layer of its own, ``<name>.out_proj``).
+
+    nn.MultiheadAttention hands its raw weights to ``F.multi_head_attention_forward`` and never
+    calls ``out_proj``, so there is no branch to add: forward runs the base module with each weight
+    replaced by W + Σ s·B·A (``delta_weight``, rounded to W's dtype as ``merged_weights`` rounds)
+    through ``torch.func.functional_call``. Nothing is written, autograd reaches the factors, and a
+    merged layer computes with the same bits as an unmerged one. ``lora_dropout`` has no input to
+    act on and is not used. The base's keys stay: ``in_proj_weight``, ``in_proj_bias``, ``bias_k``,
+    ``bias_v``, ``out_proj.weight``, ``out_proj.bias``.
+    """
+
+    supports_dora = False
+    #: in_proj_bias is not LoRA's to change: merges leave it; bias="lora_only" trains out_proj's bias.
+    bias = None
+    embed_dim = _from_base("embed_dim")
+    num_heads = _from_base("num_heads")
+    head_dim = _from_base("head_dim")
+    kdim = _from_base("kdim")
+    vdim = _from_base("vdim")
+    dropout = _from_base("dropout")
+    batch_first = _from_base("batch_first")
+    add_zero_attn = _from_base("add_zero_attn")
+    _qkv_same_embed_dim = _from_base("_qkv_same_embed_dim")
+    in_features = _from_base("embed_dim")  # peft's names: (E, 3E)
+
+    @property
+    def out_features(self) -> int:
+        return 3 * self.base_layer.embed_dim
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The packed (3E, E) ``in_proj_weight``: the weight LoraLayer's merges work on."""
+        return self.in_proj_weight
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # LoraLayer code assigns ``weight`` (merge unties a shared one): it is in_proj_weight here.
+        super().__setattr__("in_proj_weight" if name == "weight" else name, value)
+
+    def _take_parameters(self, base):
+        for tensor_name in _MHA_TENSORS:
+            if base._parameters.get(tensor_name) is not None:
+                self.register_parameter(tensor_name, base._parameters[tensor_name])
+                base._parameters[tensor_name] = None
+        self.out_proj = LoraLinear(base.out_proj)
+
+    @staticmethod
+    def target_problem(base, config):
+        if not base._qkv_same_embed_dim:
+            return (f"its kdim={base.kdim} / vdim={base.vdim} differ from embed_dim={base.embed_dim}, so q, k and v "
+                    "have separate weights; LoRA on nn.MultiheadAttention needs the packed in_proj_weight (kdim = "
+                    "vdim = embed_dim), as in peft. Exclude it")
+        if config.use_dora:
+            return "DoRA on nn.MultiheadAttention is not supported (nor by peft); set use_dora=False or exclude it"
+        if config.lora_bias:
+            return ("lora_bias=True on nn.MultiheadAttention is not supported: its LoRA goes into the weights, where "
+                    "a bias on B has no place; set lora_bias=False or exclude it")
+        return None
+
+    def inner_hosts(self) -> dict[str, AdapterHost]:
+        return {"out_proj": self.out_proj}
+
+    def add_adapter(self, name: str, **kwargs: Any) -> LoraAdapter:
+        """Add adapter ``name`` to in_proj and to out_proj (same arguments as LoraLayer's)."""
+        self.out_proj.add_adapter(name, **kwargs)
+        return super().add_adapter(name, **kwargs)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        if name in self.out_proj.adapters:
+            self.out_proj.delete_adapter(name)
+
+    def train(self, mode: bool = True):
+        # The base module runs the attention and reads its own flag (attention dropout, fast path).
+        self.base_layer.train(mode)
+        return super().train(mode)
+
+    def factor_shapes(self, r):
+        out_features, in_features = self.in_proj_weight.shape
+        return (r, in_features), (out_features, r)
+
+    def delta_weight(self, adapter):
+        return ops.lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling, merge_dtype(self.weight.dtype))
+
+    def _run_weight(self, layer: LoraLayer) -> torch.Tensor:
+        """``layer``'s weight plus its live adapters, added and rounded as ``merged_weights`` does."""
+        if self.disabled:
+            if layer.merged:
+                raise RuntimeError(f"adapters {layer.merged} are merged into this layer's weight, so they "
+                                   "cannot be disabled; unmerge(model) first")
+            return layer.weight
+        weight = layer.weight
+        for name in layer._live:
+            weight = (weight + layer.delta_weight(layer.adapters[name]).to(weight.device)).to(layer.weight.dtype)
+        return weight
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """nn.MultiheadAttention's forward (same arguments, same (output, weights)) with LoRA."""
+        if self.row_adapters is not None:
+            raise ValueError("per_sample_adapters: LoRA on nn.MultiheadAttention is added to its weights, one set "
+                             "for the whole batch, so rows cannot have different adapters; run them in separate "
+                             "batches (minilora.set_adapter)")
+        tensors = dict(self._parameters, in_proj_weight=self._run_weight(self))
+        tensors["out_proj.weight"] = self._run_weight(self.out_proj)
+        if self.out_proj.bias is not None:
+            tensors["out_proj.bias"] = self.out_proj.bias
+        out, weights = torch.func.functional_call(self.base_layer, tensors, (query, key, value, *args), kwargs)
+        # Autocast may have run the projections in a lower dtype: answer in the query's.
+        return out.to(query.dtype), None if weights is None else weights.to(query.dtype)
+
+    def unwrap(self) -> nn.Module:
+        base = self.base_layer
+        for tensor_name, tensor in self._parameters.items():
+            base._parameters[tensor_name] = tensor
+        base.out_proj = self.out_proj.unwrap()
+        return base
+
+
+#: nn.MultiheadAttention's own tensors (out_proj's are its LoraLinear's); absent ones stay unset.
+_MHA_TENSORS = ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v")
+
+
 # ---------------------------------------------------------------- initialisation schemes
 def _init_default(layer: LoraLayer, adapter: LoraAdapter, gaussian: bool = False) -> None:
     # The large factor random (kaiming, or gaussian with std 1/r), the other zero.
@@ -684,7 +821,7 @@ def lora_layer_class(module: nn.Module) -> type[LoraLayer] | None:
     # A model holding a Conv1D has imported transformers already; never import it just to look.
     conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", ())
     for types, cls in ((nn.Linear, LoraLinear), (nn.Embedding, LoraEmbedding),
-                       ((nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv), (conv1d, LoraConv1D)):
+                       (nn.MultiheadAttention, LoraMultiheadAttention), ((nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv), (conv1d, LoraConv1D)):
         if isinstance(module, types):
             return cls
     return None

@@ -207,6 +207,8 @@ def _config(transformers: Any, fields: dict[str, Any], model_type: str, path: Pa
 def _describe(module: nn.Module) -> str:
     """'Linear 4096->11008', 'Conv1D 768->2304', 'Embedding 32000x4096', 'Conv2d 4->8 k3x3'."""
     cls = lora_layer_class(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return f"MultiheadAttention {module.embed_dim}, {module.num_heads} heads"
     w = module.weight
     if cls is LoraConv1D:
         return f"Conv1D {w.shape[0]}->{w.shape[1]}"
@@ -219,8 +221,11 @@ def _describe(module: nn.Module) -> str:
 
 
 def adaptable_modules(model: nn.Module) -> dict[str, str]:
-    """Every module LoRA supports, name -> short description, in model order."""
-    return {n: _describe(m) for n, m in model.named_modules() if n and lora_layer_class(m) is not None}
+    """Every module LoRA supports, name -> short description, in model order. An
+    nn.MultiheadAttention's out_proj is not one: the attention never calls it (target the attention)."""
+    attention = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    return {n: _describe(m) for n, m in model.named_modules()
+            if n and n not in attention and lora_layer_class(m) is not None}
 
 
 def adaptable_parameters(model: nn.Module) -> dict[str, str]:

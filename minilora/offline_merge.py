@@ -328,6 +328,11 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, confi
     conv1d = facts.conv1d
     for m in modules.values():
         entry = _stored(ck_tensors, tied_to, m.weight_key)
+        if entry is None and (".base_layer." in m.name or m.name + ".in_proj_weight" in ck_tensors):
+            attention = m.name.split(".base_layer.")[0]
+            raise ValueError(f"LoRA module {m.name!r} is part of LoRA on the nn.MultiheadAttention {attention!r} "
+                             "(its in_proj_weight and out_proj), which minilora merge does not merge; load the model, "
+                             "minilora.load_adapter, minilora.merge_and_unload, then save it")
         if entry is None and m.name in facts.parts:
             _check_parts(m, facts, ck_tensors)
             W = facts.shapes[m.name]

@@ -46,11 +46,18 @@ class AdapterHost(nn.Module):
         """The plain module to put back in this host's place when its adapters go away."""
         raise NotImplementedError
 
+    def inner_hosts(self) -> dict[str, AdapterHost]:
+        """Hosts registered inside this one, by child name, that model-level code treats as hosts
+        of their own (``walk`` yields them): the LoRA layer on an ``nn.MultiheadAttention``'s
+        ``out_proj``. Their adapters come and go with this host's."""
+        return {}
+
 
 def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) over the model, not descending into adapter hosts. A module registered at
-    several paths (an embedding shared by encoder and decoder) comes once, at its first path, as in
-    ``named_modules()``; ``swap`` keeps every path pointing at the same object."""
+    """(name, module) over the model, not descending into adapter hosts (except into their
+    ``inner_hosts``). A module registered at several paths (an embedding shared by encoder and
+    decoder) comes once, at its first path, as in ``named_modules()``; ``swap`` keeps every path
+    pointing at the same object."""
     stack, seen = [("", model)], set()
     while stack:
         name, module = stack.pop()
@@ -58,9 +65,8 @@ def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             continue
         seen.add(id(module))
         yield name, module
-        if isinstance(module, AdapterHost):
-            continue
-        children = [(f"{name}.{n}" if name else n, m) for n, m in module._modules.items() if m is not None]
+        items = module.inner_hosts().items() if isinstance(module, AdapterHost) else module._modules.items()
+        children = [(f"{name}.{n}" if name else n, m) for n, m in items if m is not None]
         stack.extend(reversed(children))
 
 
