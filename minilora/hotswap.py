@@ -86,8 +86,9 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
     adapter saved in ``path`` (peft's format), keeping its name, its active state and whether it
     trains. After ``prepare_for_hotswap`` a compiled model runs the new adapter without recompiling.
 
-    The new adapter may have another rank per layer (up to the room its factors have: the rank
-    they were loaded with, or ``prepare_for_hotswap``'s ``target_rank``), another ``lora_alpha``,
+    The new adapter may have another rank per layer (after ``prepare_for_hotswap``, up to its
+    ``target_rank``; without it, any: a larger rank gets new factor Parameters, which is fine
+    eagerly but recompiles a compiled model), another ``lora_alpha``,
     ``alpha_pattern``, ``rank_pattern``, ``use_rslora`` or dropout. It may touch fewer layers than
     the current one (those get zero factors: they add nothing) and train fewer modules_to_save
     (those go back to the original module's values). It must not touch a layer the current adapter
@@ -99,9 +100,10 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
             base weights (peft's ``save_embedding_layers``).
         ValueError: no such adapter, or one merged into the weights; the new adapter does not fit
             the model (as ``load_adapter``), touches a layer or modules_to_save module the current
-            one does not, needs more rank than a layer has room for, differs in ``use_dora`` or
-            ``lora_bias``, trains biases (``bias`` other than "none", either adapter), or was
-            initialised with pissa/olora (either adapter: they rewrite the base weight).
+            one does not, needs more rank than ``prepare_for_hotswap`` made room for, differs in
+            ``use_dora`` or ``lora_bias``, trains biases (``bias`` other than "none", either
+            adapter), or was initialised with pissa/olora (either adapter: they rewrite the base
+            weight).
             On any error the model is exactly as it was.
 
     Returns:
@@ -160,7 +162,7 @@ def _check_hosts(where: str, adapter_name: str, current: dict[str, AdapterHost],
         if type(host) is not type(current[name]):
             raise ValueError(f"{where}: {name!r} is a {type(current[name]).__name__} in the model but the new adapter "
                              f"makes it a {type(host).__name__}; use load_adapter")
-        if isinstance(host, LoraLayer):
+        if isinstance(host, LoraLayer) and _prepared(current[name], adapter_name):
             r, room = host.adapters[adapter_name].r, current[name].rank_room(adapter_name)
             if r > room:
                 raise ValueError(f"{where}: the new adapter has rank {r} at {name!r}, where adapter {adapter_name!r} "
@@ -171,6 +173,12 @@ def _check_hosts(where: str, adapter_name: str, current: dict[str, AdapterHost],
     if dora_gone:
         raise ValueError(f"{where}: DoRA adapter {adapter_name!r} touches {sorted(dora_gone)[:5]}, which the new "
                          "adapter does not; swap DoRA adapters over the same layers, or use load_adapter")
+
+
+def _prepared(layer: LoraLayer, adapter_name: str) -> bool:
+    """Whether ``prepare_for_hotswap`` fixed this adapter's shapes (its scaling is held as a tensor).
+    An unprepared adapter may grow: it gets new, larger factor Parameters (eager use only)."""
+    return isinstance(layer.adapters[adapter_name].scaling, torch.Tensor)
 
 
 def _apply(model: nn.Module, plan: LoadPlan, adapter_name: str, current: dict[str, AdapterHost],
@@ -190,6 +198,9 @@ def _apply(model: nn.Module, plan: LoadPlan, adapter_name: str, current: dict[st
                         tensor.zero_()
             elif isinstance(host, ModulesToSave):  # back to the original module's values
                 host.modules_to_save[adapter_name].load_state_dict(host.original_module.state_dict())
+        for name, host in fresh.items():  # more rank than an unprepared adapter's factors hold: grow them
+            if isinstance(host, LoraLayer) and host.adapters[adapter_name].r > current[name].rank_room(adapter_name):
+                current[name].pad_rank(adapter_name, host.adapters[adapter_name].r)
         for key, value in plan.values.items():
             if key in factors:
                 name, param = factors[key]

@@ -142,6 +142,10 @@ def test_swaps_equal_fresh_loads_and_save_what_was_swapped_in(case, tmp_path):
         want = _out(_fresh(case, path), inputs)
         assert _rel(_out(model, inputs), want) <= FP64_TOL, path
         outputs.append(want)
+        for name, layer in lora_layers(model):  # the room beyond the rank is zero (also for gradients)
+            for param in ("lora_A", "lora_B"):
+                tensor = getattr(layer.adapters["default"], param)
+                assert tensor.count_nonzero() == layer.unpadded("default", param, tensor).count_nonzero(), (name, param)
         minilora.save_adapter(model, tmp_path / "again")
         got, source = load_file(tmp_path / "again" / WEIGHTS), load_file(os.path.join(path, WEIGHTS))
         assert got.keys() == source.keys() and all(torch.equal(got[k], source[k]) for k in source)
@@ -163,14 +167,17 @@ def test_tolerance_catches_a_scaling_off_by_one_part_in_a_million(tmp_path):
     assert _rel(_out(model, inputs), want) > FP64_TOL
 
 
-def test_swap_without_prepare_fits_smaller_ranks(tmp_path):
-    # The room is the loaded rank: smaller adapters swap in (numbers held as floats, eager).
+def test_swap_without_prepare_goes_down_and_up_in_rank(tmp_path):
+    # Eager use needs no preparation: a smaller rank is padded into the factors, a larger one gets
+    # new factor Parameters; the scalings stay Python numbers.
     paths = _save_adapters("llama", tmp_path)
-    model = _fresh("llama", paths[0])
+    model = _fresh("llama", paths[1])  # r=2
     inputs = _inputs("llama", model)
-    minilora.hotswap_adapter(model, paths[1])
+    for path in (paths[0], paths[3], paths[1]):  # r=8; r=4 with v_proj at 8; r=2 again
+        minilora.hotswap_adapter(model, path)
+        assert _rel(_out(model, inputs), _out(_fresh("llama", path), inputs)) <= FP64_TOL
     assert isinstance(model.model.layers[0].self_attn.q_proj.adapters["default"].scaling, float)
-    assert _rel(_out(model, inputs), _out(_fresh("llama", paths[1]), inputs)) <= FP64_TOL
+    assert model.model.layers[0].self_attn.v_proj.adapters["default"].lora_A.shape[0] == 8
 
 
 def test_fewer_targets_and_modules_to_save_act_as_absent(tmp_path):
@@ -317,6 +324,11 @@ def _edit_tensors(folder, fn):
     save_file(tensors, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
 
 
+def _truncate(path):
+    with open(path, "r+b") as handle:
+        handle.truncate(100)
+
+
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 REFUSALS = {
     "rank_above_room": (_break_rank, ValueError, "has room for rank 8.*prepare_for_hotswap"),
@@ -330,7 +342,7 @@ REFUSALS = {
                     minilora.AdapterFileError, "dtype torch.int32"),
     "non_finite": (lambda f: _edit_tensors(f, lambda t: t[KEY_A].__setitem__((0, 0), float("nan"))),
                    minilora.AdapterFileError, "not finite|NaN|inf"),
-    "corrupt_file": (lambda f: open(os.path.join(f, WEIGHTS), "r+b").truncate(100), minilora.AdapterFileError, ""),
+    "corrupt_file": (lambda f: _truncate(os.path.join(f, WEIGHTS)), minilora.AdapterFileError, "truncated or corrupt"),
     "no_config": (lambda f: os.remove(os.path.join(f, CONFIG)), minilora.AdapterFileError, "is missing"),
 }
 
