@@ -67,7 +67,9 @@ class LoraAdapter(nn.Module):
     def extra_repr(self) -> str:
         dora = ", dora" if self.magnitude is not None else ""
         padded = f" (room for {self.lora_A.shape[0]})" if self.lora_A.shape[0] != self.r else ""
-        return f"r={self.r}{padded}, alpha={self.alpha}, scaling={float(self.scaling):g}, dropout={self.dropout}{dora}"
+        scaling = "(held, meta)" if isinstance(self.scaling, torch.Tensor) and self.scaling.is_meta \
+            else f"{float(self.scaling):g}"
+        return f"r={self.r}{padded}, alpha={self.alpha}, scaling={scaling}, dropout={self.dropout}{dora}"
 
     # ------------------------------------------------------------ hot-swapping
     def hold_scaling_as_tensor(self) -> None:
