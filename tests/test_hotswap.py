@@ -399,3 +399,25 @@ def test_held_scaling_takes_the_pytorch_path():
     with pytest.raises(RuntimeError, match="held as a tensor"):
         ops.lora_linear(x, w, None, A, B, s, backend="triton")
     torch.testing.assert_close(ops.lora_linear(x, w, None, A, B, s), ops.lora_linear_reference(x, w, None, A, B, 1.5))
+
+
+def test_same_swap_in_peft_gives_the_same_outputs_and_peft_refuses_what_minilora_allows(tmp_path):
+    # The same files through peft's own hot-swap: equal outputs where peft swaps; an adapter that
+    # turns on rsLoRA is refused by peft's config check and swapped by minilora.
+    peft = pytest.importorskip("peft")
+    from peft.utils.hotswap import hotswap_adapter as peft_hotswap, prepare_model_for_compiled_hotswap
+    paths = _save_adapters("llama", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(build("llama").double(), paths[0]).eval()
+        prepare_model_for_compiled_hotswap(theirs, target_rank=8)
+        peft_hotswap(theirs, paths[1], adapter_name="default", torch_device="cpu")
+    ours = _fresh("llama", paths[0])
+    minilora.prepare_for_hotswap(ours, target_rank=8)
+    minilora.hotswap_adapter(ours, paths[1])
+    inputs = _inputs("llama", ours)
+    assert _rel(_out(ours, inputs), _out(theirs, inputs)) <= FP64_TOL
+    with pytest.raises(ValueError, match="use_rslora"):
+        peft_hotswap(theirs, paths[2], adapter_name="default", torch_device="cpu")
+    minilora.hotswap_adapter(ours, paths[2])
+    assert _rel(_out(ours, inputs), _out(_fresh("llama", paths[2]), inputs)) <= FP64_TOL
