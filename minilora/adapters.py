@@ -270,11 +270,13 @@ def _combine_layer(layer: LoraLayer, adapters: list[str], weights: list[float], 
                    extra: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One layer's combined (B (out, rank'), A (rank', in...), lora_bias or None), in fp32 or wider.
     Conv factors are combined as matrices."""
-    present = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
-    dtype = torch.promote_types(present[0][0].lora_B.dtype, torch.float32)
-    sources = [(ad.lora_B.flatten(1).to(dtype), ad.lora_A.flatten(1).to(dtype), ad.scaling) for ad, _ in present]
-    B, A = combine(sources, [w for _, w in present], rank, **extra)
-    biases = [w * ad.scaling * ad.lora_bias.to(dtype) for ad, w in present if ad.lora_bias is not None]
+    present = [(a, layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
+    dtype = torch.promote_types(present[0][1].lora_B.dtype, torch.float32)
+    # Each source at its own rank (without hot-swap padding), its scaling a number (also when held as a tensor).
+    sources = [(layer.unpadded(a, "lora_B", ad.lora_B).flatten(1).to(dtype),
+                layer.unpadded(a, "lora_A", ad.lora_A).flatten(1).to(dtype), float(ad.scaling)) for a, ad, _ in present]
+    B, A = combine(sources, [w for _, _, w in present], rank, **extra)
+    biases = [w * float(ad.scaling) * ad.lora_bias.to(dtype) for _, ad, w in present if ad.lora_bias is not None]
     return B, A, sum(biases) if biases else None
 
 

@@ -9,6 +9,7 @@ will build the adapter; reading and checking the files is ``minilora.peft_format
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PRE
                                   read_header, read_tensor, safetensors_bytes)
 
 __all__ = ["AdapterFileError", "save_adapter", "load_adapter", "adapter_state_dict", "gather_tensors",
-           "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX"]
+           "LoadPlan", "plan_load", "meta_clone", "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX"]
 
 
 # ---------------------------------------------------------------- which tensor goes where
@@ -155,6 +156,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """
     slots = _slots(model, adapter_name)
     values = gather_tensors(model, dict.fromkeys(slots.values()))
+    for name, layer in lora_layers(model):  # factors padded for hot-swapping: the adapter's own rank
+        if adapter_name in layer.adapters and layer.rank_room(adapter_name) != layer.adapters[adapter_name].r:
+            for param in ("lora_A", "lora_B"):
+                key = f"{name}.adapters.{adapter_name}.{param}"
+                values[key] = layer.unpadded(adapter_name, param, values[key]).contiguous()
     out: dict[str, torch.Tensor] = {}
     for file_key, key in slots.items():
         # Two file keys for one tensor (bias="all"): separate copies, as safetensors refuses aliases.
@@ -275,7 +281,7 @@ def _checked_values(file_path: str, tensors: Mapping[str, _FileTensor], slots: M
             for key, target in targets.items()}
 
 
-def _meta_clone(model: nn.Module) -> nn.Module:
+def meta_clone(model: nn.Module) -> nn.Module:
     """A structural copy of the model with every tensor on the meta device, for a dry-run inject."""
     memo: dict[int, Any] = {}
 
@@ -293,6 +299,38 @@ def _meta_clone(model: nn.Module) -> nn.Module:
             for t in value if isinstance(value, (tuple, list)) else (value,):
                 to_meta(t)
     return copy.deepcopy(model, memo)
+
+
+@dataclasses.dataclass
+class LoadPlan:
+    """An adapter folder read and checked against a model, nothing applied yet (``plan_load``)."""
+
+    config: LoraConfig
+    values: dict[str, torch.Tensor]  # state-dict key of ``dry`` -> checked values, in that tensor's dtype
+    dry: nn.Module  # the meta model given to plan_load, with the adapter injected as the config says
+    base_keys: list[str]  # keys of ``values`` that are base weights (peft's save_embedding_layers)
+
+
+def plan_load(dry: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
+              is_trainable: bool = False, allow_pickle: bool = False) -> LoadPlan:
+    """Read and check an adapter folder by injecting it into ``dry``, a ``meta_clone`` of the
+    model it is meant for (so the expected shapes come from the code that will build it). The
+    validation behind ``load_adapter`` and ``hotswap_adapter``; raises as ``load_adapter`` does."""
+    folder = os.fspath(path)
+    config, config_data = read_config_file(folder)
+    config = config.replace(inference_mode=not is_trainable)
+    file_path, tensors = _weights(folder, config_data, allow_pickle)
+    try:
+        with time_budget():  # patterns from the file: the dry run bounds their matching time
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # they come once, from the real inject
+                inject(dry, config, adapter_name=adapter_name)
+    except PatternError as err:
+        raise AdapterFileError(f"{os.path.join(folder, CONFIG_NAME)}: {err}") from None
+    slots, optional = _slots(dry, adapter_name), _optional_slots(dry)
+    checked = _checked_values(file_path, tensors, slots, optional, dry.state_dict(keep_vars=True))
+    values = {slots.get(k) or optional[k]: v for k, v in checked.items()}
+    return LoadPlan(config, values, dry, [optional[k] for k in checked if k in optional])
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
@@ -320,29 +358,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     Returns:
         The same model object.
     """
-    folder = os.fspath(path)
-    config, config_data = read_config_file(folder)
-    config = config.replace(inference_mode=not is_trainable)
-    file_path, tensors = _weights(folder, config_data, allow_pickle)
-
-    try:
-        with time_budget():  # patterns from the file: the dry run bounds their matching time
-            dry = _meta_clone(model)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # they come once, from the real inject below
-                inject(dry, config, adapter_name=adapter_name)
-    except PatternError as err:
-        raise AdapterFileError(f"{os.path.join(folder, CONFIG_NAME)}: {err}") from None
-    slots, optional = _slots(dry, adapter_name), _optional_slots(dry)
-    values = _checked_values(file_path, tensors, slots, optional, dry.state_dict(keep_vars=True))
-    del dry
-
+    plan = plan_load(meta_clone(model), path, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle)
     # inject draws the new factors at random before they are overwritten: keep the caller's streams
     with torch.random.fork_rng(devices=sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})):
-        inject(model, config, adapter_name=adapter_name)
+        inject(model, plan.config, adapter_name=adapter_name)
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for file_key, tensor in values.items():
-            target = targets[slots.get(file_key) or optional[file_key]]
-            target.copy_(tensor.to(device=target.device))
+        for key, tensor in plan.values.items():
+            targets[key].copy_(tensor.to(device=targets[key].device))
     return model

@@ -69,7 +69,38 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.magnitude is not None else ""
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}{dora}"
+        padded = f" (room for {self.lora_A.shape[0]})" if self.lora_A.shape[0] != self.r else ""
+        scaling = "(held, meta)" if isinstance(self.scaling, torch.Tensor) and self.scaling.is_meta \
+            else f"{float(self.scaling):g}"
+        return f"r={self.r}{padded}, alpha={self.alpha}, scaling={scaling}, dropout={self.dropout}{dora}"
+
+    # ------------------------------------------------------------ hot-swapping
+    def hold_scaling_as_tensor(self) -> None:
+        """Keep s in a 0-dim buffer (not saved): torch.compile then reads it as an input instead of
+        baking the number into the graph, so changing it (``set_scaling``) does not recompile. Its
+        dtype is ``merge_dtype`` of the factors': fp32 holds s as the fp32 branch uses it."""
+        if not isinstance(self.scaling, torch.Tensor):
+            value = self.scaling
+            del self.scaling  # the plain attribute; the buffer takes its name
+            self.register_buffer("scaling", torch.tensor(value, dtype=merge_dtype(self.lora_A.dtype),
+                                                         device=self.lora_A.device), persistent=False)
+
+    def set_scaling(self, value: float) -> None:
+        """Change s in place: a buffer is filled (compiled graphs keep reading it), a number replaced."""
+        if isinstance(self.scaling, torch.Tensor):
+            with torch.no_grad():
+                self.scaling.fill_(value)
+        else:
+            self.scaling = value
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would round a held s to 8 bits, an error of up to 2⁻⁹ on every
+        # branch: the buffer follows the factors' device but keeps its precision.
+        held = self._buffers.get("scaling")
+        super()._apply(fn, recurse)
+        if held is not None and self._buffers["scaling"].dtype != held.dtype:
+            self._buffers["scaling"] = held.to(self._buffers["scaling"].device)
+        return self
 
 
 def _from_base(attr: str) -> property:
@@ -162,6 +193,54 @@ class LoraLayer(AdapterHost):
 
     def adapter_modules(self) -> nn.ModuleDict:
         return self.adapters
+
+    # ------------------------------------------------------------ rank room (hot-swapping)
+    # ``prepare_for_hotswap`` zero-pads an adapter's factors to a larger rank, its room, so adapters
+    # of any rank up to it fit in place: zero rows of A and columns of B add nothing. The adapter's
+    # ``r`` stays its own rank; its factors are its leading ranks. A grouped conv's B reads A's
+    # output channels in ``rank_groups`` blocks, so A's leading ranks are the head of each block.
+    def rank_groups(self) -> int:
+        """How many blocks A's rank dim is read in (a grouped conv's groups; 1 elsewhere)."""
+        return 1
+
+    def rank_room(self, name: str) -> int:
+        """The rank adapter ``name``'s factors can hold (its r, or more once padded)."""
+        return self.adapters[name].lora_A.shape[0]
+
+    def unpadded(self, name: str, param: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (adapter ``name``'s ``param``, or a copy of it) without the padding, what a
+        file of this adapter holds: A (room, ...) -> (r, ...), B (out, room / g, ...) -> (out, r / g,
+        ...); other tensors whole. A grouped conv's A comes as a copy, the others as views."""
+        r, g = self.adapters[name].r, self.rank_groups()
+        if param == "lora_A":
+            return tensor.unflatten(0, (g, -1))[:, : r // g].flatten(0, 1)
+        return tensor[:, : r // g] if param == "lora_B" else tensor
+
+    def write_factor(self, name: str, param: str, value: torch.Tensor) -> None:
+        """Copy ``value`` (shaped for a rank up to the room) into adapter ``name``'s ``param``,
+        zeroing the rest of the room. In place: the Parameter object stays (a compiled graph, an
+        optimizer hold it)."""
+        tensor, g = getattr(self.adapters[name], param), self.rank_groups()
+        with torch.no_grad():
+            if param == "lora_A":
+                tensor.zero_()
+                tensor.unflatten(0, (g, -1))[:, : value.shape[0] // g].copy_(value.unflatten(0, (g, -1)))
+            elif param == "lora_B":
+                tensor.zero_()
+                tensor[:, : value.shape[1]].copy_(value)
+            else:
+                tensor.copy_(value)
+
+    def pad_rank(self, name: str, room: int) -> None:
+        """Give adapter ``name`` room for rank ``room`` (>= its room; a multiple of rank_groups):
+        new zero-padded factor Parameters, same dtype, device and requires_grad."""
+        adapter = self.adapters[name]
+        for param in ("lora_A", "lora_B"):
+            old = getattr(adapter, param)
+            shape = list(old.shape)
+            shape[0 if param == "lora_A" else 1] = room if param == "lora_A" else room // self.rank_groups()
+            setattr(adapter, param, nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad))
+            self.write_factor(name, param, old.detach())
 
     @property
     def _live(self) -> tuple[str, ...]:
@@ -529,6 +608,9 @@ class LoraConv(LoraLayer):
     padding_mode = _from_base("padding_mode")
     in_features = _from_base("in_channels")  # peft's names for them
     out_features = _from_base("out_channels")
+
+    def rank_groups(self):
+        return self.base_layer.groups
 
     @staticmethod
     def rank_problem(base, r):

@@ -6,6 +6,9 @@
 
     x: (..., K)   W0: (N, K)   bias: (N,) or None   A: (r, K)   B: (N, r)   s = scaling
 
+s is a number, or a 0-dim tensor once ``minilora.prepare_for_hotswap`` holds it as a buffer (so that
+torch.compile reads it as an input, not a constant); every function here takes either.
+
 Adapters may be wider than the base (fp32 over bf16): the branch runs in the adapter dtype and
 the sum is cast back to the base dtype once. ``lora_linear`` runs the fused Triton kernels
 (``minilora.kernels``: the branch in the base dtype, fp32 accumulation; docs/kernels.md gives the
@@ -43,7 +46,7 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
-def lora_branch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+def lora_branch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,
                 dropout_p: float = 0.0, training: bool = False,
                 lora_bias: torch.Tensor | None = None) -> torch.Tensor:
     """s · (B(A(dropout(x))) + lora_bias) in the adapter dtype.
@@ -61,7 +64,7 @@ def lora_branch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: floa
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          A: torch.Tensor, B: torch.Tensor, scaling: float,
+                          A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,
                           dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """The pure-PyTorch LoRA linear: (..., K) -> (..., N) in the base dtype."""
     result = F.linear(x, weight, bias)
@@ -94,10 +97,17 @@ def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = Non
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                A: torch.Tensor, B: torch.Tensor, scaling: float,
+                A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,
                 dropout_p: float = 0.0, training: bool = False,
                 backend: str | None = None) -> torch.Tensor:
-    """LoRA linear through the fastest available path; same contract as the reference."""
+    """LoRA linear through the fastest available path; same contract as the reference. A scaling
+    held as a tensor (``prepare_for_hotswap``) takes the PyTorch path: the kernels take s as a
+    number, and reading one from a tensor would be a host sync and, compiled, a graph break."""
+    if isinstance(scaling, torch.Tensor):
+        if (backend or _backend) == "triton":
+            raise RuntimeError("backend 'triton' was forced but this adapter's scaling is held as a tensor "
+                               "(prepare_for_hotswap), which the kernels do not take; use backend 'auto' or 'torch'")
+        return _lora_linear_torch(x, weight, bias, A, B, scaling, dropout_p, training)
     if backend_for(x, weight, backend, rank=A.shape[0]) == "triton":
         return kernels.fused_lora_linear(x, weight, bias, A, B, scaling, dropout_p, training)
     return _lora_linear_torch(x, weight, bias, A, B, scaling, dropout_p, training)
@@ -114,7 +124,10 @@ def _lora_linear_torch(x, weight, bias, A, B, scaling, dropout_p, training):
     out = F.linear(x, weight, bias)  # (M, N)
     if dropout_p > 0.0 and training:
         x = F.dropout(x, p=dropout_p, training=True)
-    out.addmm_(F.linear(x, A), B.t(), alpha=scaling)  # += s · (x Aᵀ) Bᵀ
+    if isinstance(scaling, torch.Tensor):  # alpha= takes a number: scale the (M, r) product instead
+        out.addmm_(F.linear(x, A) * scaling, B.t())  # += (s · x Aᵀ) Bᵀ
+    else:
+        out.addmm_(F.linear(x, A), B.t(), alpha=scaling)  # += s · (x Aᵀ) Bᵀ
     return out.view(*lead, out.shape[-1])
 
 
@@ -125,8 +138,8 @@ def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(weight_dtype, torch.float32)
 
 
-def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype, *, transposed: bool = False,
-               rows: slice = slice(None)) -> torch.Tensor:
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor, dtype: torch.dtype, *,
+               transposed: bool = False, rows: slice = slice(None)) -> torch.Tensor:
     """s·B@A in ``dtype``, in the weight's stored layout: the one formula of every merge (whole, or
     one ``row_blocks`` block at a time by the offline merge: the same bits, see row_blocks).
 
@@ -253,7 +266,7 @@ def dora_dot_chunk(K: int) -> int:
 
 
 @torch.no_grad()
-def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
+def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor, *,
               transposed: bool = False) -> torch.Tensor:
     """‖W_i + s·(B A)_i‖ for every output row i, without building an (out, in) temporary.
 
@@ -340,7 +353,7 @@ def _chunked_product(rows: torch.Tensor, A: torch.Tensor, c: int) -> torch.Tenso
     return out
 
 
-def _direct_norm2(rows: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+def _direct_norm2(rows: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float | torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
     """‖W_i + s·B_i A‖² of every row of ``rows`` (k, in), formed in ``dtype`` block by block."""
     A, B = A.to(dtype), B.to(dtype)
@@ -350,7 +363,7 @@ def _direct_norm2(rows: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                B: torch.Tensor, scaling: float, magnitude: torch.Tensor, norm: torch.Tensor,
+                B: torch.Tensor, scaling: float | torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
                 backend: str | None = None) -> torch.Tensor:
     """DoRA linear without dropout, all tensors of one dtype: (m / ‖W + sBA‖) ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias.
 

@@ -326,7 +326,7 @@ def test_dry_run_clone_copies_no_real_memory():
     """load_adapter's dry run clones the model on the meta device; tensors held as plain
     attributes (keep_original's CPU copies, an untied embedding's shared weight) must not be
     deep-copied with real memory either."""
-    from minilora.checkpoint import _meta_clone
+    from minilora.checkpoint import meta_clone
 
     model = build("gpt2")
     with pytest.warns(UserWarning):
@@ -334,7 +334,7 @@ def test_dry_run_clone_copies_no_real_memory():
     with pytest.warns(UserWarning, match="untied before merging"):
         minilora.merge(model, keep_original=True)
     assert lora_state(model).untied and model.transformer.wte.original_weights is not None
-    clone = _meta_clone(model)
+    clone = meta_clone(model)
     seen = 0
     for module in clone.modules():
         for value in [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]:

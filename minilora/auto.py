@@ -1,0 +1,102 @@
+"""``from_pretrained``: a base model and its adapter in one call, from the adapter's folder.
+
+The base model comes from the path ``adapter_config.json`` records (``base_model_name_or_path``,
+written by ``save_adapter`` and peft), loaded with a transformers auto class chosen from the
+config's ``task_type``; then ``load_adapter`` reads and checks the adapter against it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import torch.nn as nn
+
+from minilora.checkpoint import load_adapter
+from minilora.peft_format import CONFIG_NAME, read_config_file
+
+__all__ = ["from_pretrained", "AUTO_CLASSES"]
+
+#: peft's task_type -> the transformers auto class that builds a model with that head.
+AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+_MODEL_CONFIG = "config.json"  # what makes a folder a transformers model
+
+
+def _auto_class(task_type: str | None, where: str) -> Any:
+    if task_type is None:
+        # No head is implied: AutoModel would build the bare backbone, whose module names lack the
+        # head model's prefix (``model.``), so the adapter's keys would not fit.
+        raise ValueError(f"{where} has no task_type, so the base model's class is unknown; pass auto_class= "
+                         "(e.g. transformers.AutoModelForCausalLM)")
+    return getattr(importlib.import_module("transformers"), AUTO_CLASSES[task_type])
+
+
+def _base_location(adapter_dir: str, recorded: str | None, base_model: str | os.PathLike | None) -> str:
+    """The base model's folder or hub id, checked where it is evidently a local path."""
+    where = os.path.join(adapter_dir, CONFIG_NAME)
+    if base_model is None and not recorded:
+        raise ValueError(f"{where} records no base_model_name_or_path, so the base model is unknown; pass "
+                         "base_model='path/to/base' (the folder or hub id the adapter was trained on)")
+    base = os.fspath(base_model) if base_model is not None else recorded
+    source = "base_model=" if base_model is not None else f"base_model_name_or_path in {where}"
+    hint = "" if base_model is not None else "; if the base model moved, pass base_model='its/new/folder'"
+    if os.path.isdir(base):
+        if not os.path.isfile(os.path.join(base, _MODEL_CONFIG)):
+            raise ValueError(f"{base!r} ({source}) is a folder without {_MODEL_CONFIG}: not a transformers model "
+                             f"folder (save one with model.save_pretrained(folder)){hint}")
+    elif os.path.isabs(base) or base.startswith(("./", "../", "~")) or os.path.exists(base):
+        raise FileNotFoundError(f"base model folder {base!r} ({source}) does not exist{hint}")
+    return base
+
+
+def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
+                    base_model: str | os.PathLike | None = None, adapter_name: str = "default",
+                    is_trainable: bool = False, allow_pickle: bool = False, **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load the base model an adapter was trained on, then the adapter: peft's
+    ``AutoPeftModelFor*.from_pretrained``, returning the transformers model with the adapter injected.
+
+    The base is ``base_model`` if given (a folder or hub id: the recorded path moved), else the
+    ``base_model_name_or_path`` of ``adapter_dir/adapter_config.json`` (read and validated as
+    ``load_adapter`` reads it). It is loaded with ``auto_class.from_pretrained(base,
+    **from_pretrained_kwargs)``: ``dtype``, ``device_map``, ``quantization_config`` (QLoRA), ... pass
+    through. ``auto_class`` defaults to the class for the config's ``task_type``
+    (``AUTO_CLASSES``: CAUSAL_LM -> AutoModelForCausalLM, ...). A recorded ``revision`` is passed on
+    when the recorded base is used. A hub id downloads as transformers does; ``HF_HUB_OFFLINE=1``
+    forbids it.
+
+    Raises:
+        AdapterFileError: the adapter folder's config or weights (as ``load_adapter``).
+        ValueError: no base path recorded nor given; no task_type and no ``auto_class``; a base
+            folder that is not a transformers model; the adapter does not fit the base (its target
+            modules, shapes: ``load_adapter``'s errors, naming the base).
+        FileNotFoundError: a base folder that does not exist.
+        OSError: transformers could not load the base (its message, naming the base).
+
+    Returns:
+        The base model with the adapter loaded (active; frozen unless ``is_trainable``).
+    """
+    folder = os.fspath(adapter_dir)
+    config, _ = read_config_file(folder)
+    base = _base_location(folder, config.base_model_name_or_path, base_model)
+    if auto_class is None:
+        auto_class = _auto_class(config.task_type, os.path.join(folder, CONFIG_NAME))
+    if base_model is None and config.revision and "revision" not in from_pretrained_kwargs:
+        from_pretrained_kwargs["revision"] = config.revision
+    try:
+        model = auto_class.from_pretrained(base, **from_pretrained_kwargs)
+    except OSError as err:
+        raise OSError(f"base model {base!r} of adapter {folder!r} could not be loaded with "
+                      f"{getattr(auto_class, '__name__', auto_class)}: {err}") from err
+    try:
+        return load_adapter(model, folder, adapter_name, is_trainable, allow_pickle=allow_pickle)
+    except ValueError as err:  # AdapterFileError included: the same type, with the base named
+        raise type(err)(f"adapter {folder!r} does not fit base model {base!r} ({type(model).__name__}): "
+                        f"{err}") from None
