@@ -238,3 +238,189 @@ def test_forced_triton_backend_refuses_on_cpu():
             ops.backend_for_rows(x, y, stack, "triton")
     with pytest.raises(ValueError, match="must be one of"):
         ops.backend_for_rows(x, y, stack, "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton path (minilora.kernels.multi_lora): under the interpreter on the CPU (fp32, fp16),
+# on a GPU when there is one (bf16 too). Cases are plain functions, run in a spawned child whose
+# triton interprets (see tests/test_kernels_interpret.py for why), or in-process on a GPU.
+# --------------------------------------------------------------------------------------------
+
+KERNEL_RANKS = [1, 64, 7, 16, 33, 2, 5, 12, 3]  # mixed, padded to 64 in the stack
+
+
+def _kernel_bound(dtype, chain):
+    """The kernels' bound in units of mag (module docstring of kernels/multi_lora.py): four
+    roundings to the compute dtype (A, B cast on load, S stored, y stored) and ``chain`` fp32 ones."""
+    return 4 * torch.finfo(dtype).eps / 2 + chain * U32
+
+
+def _rows_reference(y0, x, names, factors):
+    """float64 y0[i] + s·(x_i Aᵀ) Bᵀ with row i's factors (names[i] = "a<slot>"), and its mag (the
+    same on absolute values)."""
+    ref, mag = y0.double().clone(), y0.double().abs()
+    for i, name in enumerate(names):
+        if name != "__base__":
+            A, B, s = factors[int(name[1:])]
+            A, B = A.double(), B.double()
+            ref[i] += s * (x[i].double() @ A.T) @ B.T
+            mag[i] += s * (x[i].double().abs() @ A.abs().T) @ B.abs().T
+    return ref, mag
+
+
+def _used(got, ref, mag, bound):
+    assert torch.isfinite(got).all(), "non-finite values: an element was not written"
+    return ((got.double() - ref).abs() / (bound * mag)).max().item()
+
+
+def _poison():
+    from minilora.kernels import multi_lora
+
+    multi_lora._new_output = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return multi_lora
+
+
+def check_kernels(dtype, n_adapters, R, T, K, N, base_rows, device="cpu", seed=0):
+    """The kernels' y against float64 (and the PyTorch path against float64, with its own bound);
+    rows without adapter bit-identical; S allocated NaN-filled (an unwritten element that is read
+    shows up as NaN)."""
+    from minilora.rows import RowAdapters
+
+    multi_lora = _poison()
+    g = torch.Generator().manual_seed(seed)
+    ranks = KERNEL_RANKS[:n_adapters]
+    factors = [((torch.randn(r, K, generator=g) / K**0.5).to(device), (torch.randn(N, r, generator=g) / r**0.5).to(device),
+                0.5 + i / 3) for i, r in enumerate(ranks)]
+    stack = ops.stack_lora([f"a{i}" for i in range(n_adapters)], factors)
+    names = [f"a{int(i)}" for i in torch.randint(0, n_adapters, (R,), generator=g)]
+    for i in base_rows:
+        names[i] = "__base__"
+    where = RowAdapters(names).slots(stack.names, device)
+    x = torch.randn(R, T, K, generator=g).to(device, dtype)
+    y0 = torch.randn(R, T, N, generator=g).to(device, dtype)
+    y = multi_lora.multi_lora_add_(y0.clone(), x, stack.A, stack.B, stack.scaling, where)
+    torch_path = ops.multi_lora_add(y0, x, stack, where, backend="torch")
+    ref, mag = _rows_reference(y0, x, names, factors)
+    chain = K + max(ranks) + 2
+    for got, bound in ((y, _kernel_bound(dtype, chain)), (torch_path, _bound(dtype, chain))):
+        assert got.dtype == dtype
+        assert _used(got, ref, mag, bound) <= 1
+    for i in base_rows:
+        assert torch.equal(y[i], y0[i])
+
+
+def check_layer_through_kernels(dtype, device="cpu"):
+    """A mixed batch through a model, ops.multi_lora_add's dispatch sending it to the kernels:
+    within the kernels' bound of float64 from the layer's own base output."""
+    _poison()
+    K, N = 40, 72
+    model = nn.Sequential(nn.Linear(K, N)).to(device, dtype)
+    for i, (r, alpha) in enumerate([(3, 6), (16, 4), (9, 27)]):
+        minilora.inject(model, targets=["0"], r=r, lora_alpha=alpha, init_lora_weights=False, adapter_name=f"a{i}")
+    randomize_adapters(model)
+    model.eval()
+    layer = model[0]
+    names = ["a2", "__base__", "a0", "a2", "a1", "a2", "a0"]
+    x = torch.randn(len(names), 5, K).to(device, dtype)
+    asked, real = [], ops.backend_for_rows
+
+    def kernels_here(x, y, stack, backend=None):  # the interpreter runs them on the CPU
+        asked.append(backend)
+        return "triton"
+
+    with torch.no_grad(), minilora.per_sample_adapters(model, names):
+        ops.backend_for_rows = kernels_here
+        try:
+            got = model(x)
+        finally:
+            ops.backend_for_rows = real
+        y0 = layer.base_forward(x)
+    assert asked == [None]
+    factors = [(a.lora_A, a.lora_B, a.scaling) for a in layer.adapters.values()]
+    ref, mag = _rows_reference(y0, x, names, factors)
+    assert _used(got, ref, mag, _kernel_bound(dtype, K + 16 + 2)) <= 1
+    assert torch.equal(got[1], y0[1])
+
+
+def check_kernel_errors():
+    from minilora.kernels import multi_lora
+    from minilora.rows import RowAdapters
+
+    stack = ops.stack_lora(["a"], [(torch.randn(2, 8), torch.randn(6, 2), 1.0)])
+    where = RowAdapters(["a", "a"]).slots(stack.names, "cpu")
+    x, y = torch.randn(2, 1, 8), torch.randn(2, 1, 6)
+    cases = [((y.double(), x, stack.A, stack.B, stack.scaling), "x and y must share one dtype"),
+             ((y, x[..., :-1], stack.A, stack.B, stack.scaling), r"x must have shape \(R, T, K\)"),
+             ((y, x, stack.A, stack.B[:, :-1], stack.scaling), r"B must have shape \(n, N, r\)"),
+             ((y, x, stack.A.to("meta"), stack.B, stack.scaling), "A is on meta but y is on cpu"),
+             ((y[0], x, stack.A, stack.B, stack.scaling), r"expected y \(R, T, N\)")]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            multi_lora.multi_lora_add_(*args, where)
+
+
+def _interpreter_init():
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+
+
+def _run_in_child(fn, *args):
+    import traceback
+
+    try:
+        fn(*args)
+    except BaseException:  # pytest's exceptions cannot be pickled
+        raise AssertionError(traceback.format_exc()) from None
+
+
+@pytest.fixture(scope="module")
+def interpret():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pytest.importorskip("triton")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_interpreter_init) as pool:
+        yield lambda *args: pool.submit(_run_in_child, *args).result(timeout=300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n_adapters,T,base_rows", [(1, 1, ()), (4, 5, (0, 6)), (9, 2, (3,)), (9, 1, ())],
+                         ids=["1-decode", "4-prefill-base", "9-base", "9-decode"])
+def test_kernels_interpreted(interpret, dtype, n_adapters, T, base_rows):
+    interpret(check_kernels, dtype, n_adapters, 11, T, 40, 72, base_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_layer_through_kernels_interpreted(interpret, dtype):
+    interpret(check_layer_through_kernels, dtype)
+
+
+def test_kernel_errors_interpreted(interpret):
+    interpret(check_kernel_errors)
+
+
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("n_adapters,T,base_rows", [(1, 1, ()), (4, 128, (0, 6)), (9, 3, (3,)), (9, 1, ())])
+def test_kernels_gpu(dtype, n_adapters, T, base_rows):
+    check_kernels(dtype, n_adapters, 64, T, 520, 328, base_rows, "cuda")
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_layer_gpu_takes_the_kernels_by_default(dtype):
+    model = nn.Sequential(nn.Linear(64, 48)).to("cuda", dtype)
+    minilora.inject(model, targets=["0"], r=4, init_lora_weights=False)
+    model.eval()
+    with torch.no_grad():
+        stack = model[0].stacked_adapters()
+        x = torch.randn(2, 64, device="cuda", dtype=dtype)
+        assert ops.backend_for_rows(x, x[:, :48], stack) == "triton"
+        assert ops.backend_for_rows(x, x[:, :48], stack, "torch") == "torch"
+    assert ops.backend_for_rows(x, x[:, :48], stack) == "torch"  # gradients on: no kernels
+    check_layer_through_kernels(dtype, "cuda")
