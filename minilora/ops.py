@@ -237,10 +237,13 @@ def multi_lora_add(y: torch.Tensor, x: torch.Tensor, stack: StackedLora, where: 
         return y
     T, r = x3.shape[1], stack.A.shape[1]
     if where.rows is None and y.dtype == stack.A.dtype and _expand_per_row(T, r):
-        # The add fused into the expand: y + S B_iᵀ, one pass over the output.
+        # The add fused into the expand, in place: y += S B_iᵀ, one pass over the output. y is the
+        # layer's fresh base output (as for the kernels).
         S = _in_row_order(_multi_shrink(x3, stack, where), T, where)
         B = stack.B.index_select(0, where.row_slots)
-        return torch.baddbmm(y.reshape(R, T, N), S, B.transpose(1, 2)).view(y.shape)
+        y = y.contiguous()
+        y.view(R, T, N).baddbmm_(S, B.transpose(1, 2))
+        return y
     delta = multi_lora_reference(x3, stack, where)
     out = y.reshape(R, -1, N).to(torch.promote_types(y.dtype, delta.dtype))
     out = out + delta if where.rows is None else out.index_add(0, where.rows, delta)
