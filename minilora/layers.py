@@ -192,8 +192,8 @@ class LoraLayer(AdapterHost):
         stacked = () if stack is None else stack.names
         if any(name in stacked for name in names.distinct()):
             # One batched product for every plain adapter; DoRA and lora_bias adapters loop below.
-            # The rows left to the loop keep their base output in y (the Triton path adds into y
-            # in place, but only on stacked rows).
+            # Both paths add into y in place, on stacked rows only: the rows left to the loop keep
+            # their base output in y (DoRA reads it).
             out = ops.multi_lora_add(y, x, stack, names.slots(stacked, x.device))
         for name in names.distinct():
             if name not in self.adapters or name in stacked:

@@ -222,12 +222,14 @@ def multi_lora_add(y: torch.Tensor, x: torch.Tensor, stack: StackedLora, where: 
     """y plus every row's LoRA branch with its own adapter: the mixed-batch forward.
 
     Args:
-        y: (R, ..., N) the base output. x: (R, ..., K) the layer input.
+        y: (R, ..., N) the base output, consumed: both paths add into it in place when they can
+            (pass a tensor nothing else reads, as a layer's fresh base output).
+        x: (R, ..., K) the layer input.
         where: each row's slot in ``stack`` (``RowAdapters.slots``); rows without one keep y.
     Returns:
         (R, ..., N) in y's dtype. The PyTorch path adds the branch (adapter dtype) to y and rounds
         once, as the per-adapter loop does; the Triton path (``minilora.kernels.multi_lora``)
-        runs the branch in y's dtype with fp32 accumulation and adds it into y in place.
+        runs the branch in y's dtype with fp32 accumulation.
     """
     R, N = y.shape[0], y.shape[-1]
     x3 = x.reshape(R, -1, x.shape[-1])
