@@ -1,8 +1,9 @@
 """Triton kernels for minilora, installed as ``minilora.kernels``.
 
 Importing this package never imports triton: ``available()`` only looks for it, and
-``fused_lora_linear`` loads ``minilora.kernels.lora_linear`` (which imports triton and registers
-the torch.library ops) on first call. Kernels know tensors, never modules.
+``fused_lora_linear`` / ``multi_lora_add_`` load ``minilora.kernels.lora_linear`` /
+``minilora.kernels.multi_lora`` (which import triton and register the torch.library ops) on
+first call. Kernels know tensors, never modules.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 import importlib.util
 import os
 
-__all__ = ["MAX_RANK", "available", "fused_lora_linear"]
+__all__ = ["MAX_RANK", "available", "fused_lora_linear", "multi_lora_add_"]
 
 #: the largest rank the kernels take (padded to a power of two inside). Here, not in
 #: lora_matmul.py, so that ``minilora.ops`` can read it without importing triton.
@@ -36,3 +37,10 @@ def fused_lora_linear(x, weight, bias, A, B, scaling, dropout_p=0.0, training=Fa
     from minilora.kernels.lora_linear import fused_lora_linear as impl
 
     return impl(x, weight, bias, A, B, scaling, dropout_p, training, **kwargs)
+
+
+def multi_lora_add_(y, x, A, B, scaling, where):
+    """See ``minilora.kernels.multi_lora.multi_lora_add_`` (loaded on first call)."""
+    from minilora.kernels.multi_lora import multi_lora_add_ as impl
+
+    return impl(y, x, A, B, scaling, where)

@@ -406,7 +406,8 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
+    """The dots' input precision for this compute dtype: IEEE fp32 unless TF32 is allowed."""
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
@@ -471,7 +472,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A:
     if M == 0:
         return y, s
     seed_arg = seed if seed is not None else x
-    precision = _dot_precision(x.dtype)
+    precision = dot_precision(x.dtype)
     common = dict(DROPOUT=p > 0.0, DOT_PRECISION=precision, BLOCK_R=rank_block(r))
     if path not in ("auto", "fused", "split"):
         raise ValueError(f"path must be 'auto', 'fused' or 'split', got {path!r}")
@@ -515,7 +516,7 @@ def _gemm(x, w, s, t, bias, out, p, seed, mask_seed) -> None:
         M, N, K, r,
         *x.stride(), *w.stride(), *s.stride(), *t.stride(), *out.stride(),
         p,
-        HAS_BIAS=bias is not None, MASK_SEED=mask_seed, DOT_PRECISION=_dot_precision(x.dtype),
+        HAS_BIAS=bias is not None, MASK_SEED=mask_seed, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_R=seed_rank_block(rank_block(r)), GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -577,7 +578,7 @@ def _grad_s(dy, B, s, scale, deterministic) -> tuple[torch.Tensor, torch.Tensor]
         *dy.stride(), *B.stride(), *s.stride(), *du.stride(),
         db32.stride(0) if deterministic else 0, db32.stride(-2), db32.stride(-1),
         scale,
-        ATOMIC=not deterministic, DOT_PRECISION=_dot_precision(dy.dtype),
+        ATOMIC=not deterministic, DOT_PRECISION=dot_precision(dy.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(r),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return du, (db32.sum(0) if deterministic else db32).to(B.dtype)
@@ -599,7 +600,7 @@ def _grad_a(x, du, A, p, seed) -> torch.Tensor:
         M, K, r, rows_per_split,
         *x.stride(), *du.stride(), *da32.stride(),
         p,
-        DROPOUT=p > 0.0, DOT_PRECISION=_dot_precision(x.dtype),
+        DROPOUT=p > 0.0, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(r),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return da32.sum(0).to(A.dtype)

@@ -279,9 +279,16 @@ class LoraLayer(AdapterHost):
                              f"{len(names)} row adapters were given; dim 0 must be the batch")
         y = self.base_forward(x)
         dtype, out = y.dtype, y
+        stack = self.stacked_adapters()
+        stacked = () if stack is None else stack.names
+        if any(name in stacked for name in names.distinct()):
+            # One batched product for every plain adapter; DoRA and lora_bias adapters loop below.
+            # Both paths add into y in place, on stacked rows only: the rows left to the loop keep
+            # their base output in y (DoRA reads it).
+            out = ops.multi_lora_add(y, x, stack, names.slots(stacked, x.device))
         for name in names.distinct():
-            if name not in self.adapters:
-                continue  # '__base__', or an adapter that does not touch this layer
+            if name not in self.adapters or name in stacked:
+                continue  # '__base__', an adapter that does not touch this layer, or done above
             rows = names.index(names.rows_of(name), x.device)
             adapter = self.adapters[name]
             if adapter.magnitude is None:
@@ -293,6 +300,11 @@ class LoraLayer(AdapterHost):
                 out = out.to(torch.promote_types(out.dtype, new.dtype))
                 out = out.index_copy(0, rows, new.to(out.dtype))
         return out.to(dtype)
+
+    def stacked_adapters(self) -> ops.StackedLora | None:
+        """This layer's plain LoRA adapters stacked for mixed batches (``ops.StackedLora``), or None:
+        kinds whose branch is x Aᵀ Bᵀ (``LoraLinear`` and its subclasses) override this."""
+        return None
 
     # ------------------------------------------------------------ DoRA
     def branch(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
@@ -524,6 +536,31 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, adapter):
         return ops.lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling, merge_dtype(self.weight.dtype),
                               transposed=self.transposed)
+
+    def stacked_adapters(self):
+        """The adapters without DoRA or lora_bias, stacked by ``ops.stack_lora`` (None when they
+        do not share one dtype, or when a gradient to them is wanted: the stack is detached).
+
+        Rebuilt only when they change: the key holds each factor's identity, storage and version
+        counter (bumped by every in-place write: load_adapter, an optimizer step) and the scaling.
+        Memory: one more copy of these factors, zero-padded to the largest rank.
+        """
+        plain = [(n, a) for n, a in self.adapters.items() if a.magnitude is None and a.lora_bias is None]
+        if not plain or len({a.lora_A.dtype for _, a in plain} | {a.lora_B.dtype for _, a in plain}) > 1:
+            return None
+        if torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for _, a in plain):
+            return None
+        # A scaling held as a tensor (prepare_for_hotswap) changes in place: its version, not its value
+        # (reading it would wait for the device).
+        key = tuple((n, *((id(t), t.device, t.data_ptr(), t._version) for t in (a.lora_A, a.lora_B)),
+                     (id(a.scaling), a.scaling._version) if isinstance(a.scaling, torch.Tensor) else a.scaling)
+                    for n, a in plain)
+        cached = self.__dict__.get("_stack")
+        if cached is None or cached[0] != key:
+            cached = (key, ops.stack_lora([n for n, _ in plain],
+                                          [(a.lora_A.detach(), a.lora_B.detach(), a.scaling) for _, a in plain]))
+            self.__dict__["_stack"] = cached
+        return cached[1]
 
 
 class LoraConv1D(LoraLinear):

@@ -20,16 +20,22 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from minilora import kernels
 
+if TYPE_CHECKING:
+    from minilora.rows import RowSlots
+
 __all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend", "merge_dtype",
-           "lora_delta", "param_delta", "expert_factors", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm",
-           "dora_linear"]
+           "lora_delta", "param_delta", "expert_factors", "grouped_merge_problem", "row_blocks", "dora_norm",
+           "dora_dot_chunk", "dora_merge_norm", "dora_linear", "StackedLora", "stack_lora", "multi_lora_reference",
+           "multi_lora_add", "backend_for_rows"]
 
 _BACKENDS = ("auto", "torch", "triton")
 # Read once: torch.compile bakes an os.environ lookup into the graph without a guard, so a later
@@ -129,6 +135,135 @@ def _lora_linear_torch(x, weight, bias, A, B, scaling, dropout_p, training):
     else:
         out.addmm_(F.linear(x, A), B.t(), alpha=scaling)  # += s · (x Aᵀ) Bᵀ
     return out.view(*lead, out.shape[-1])
+
+
+# ---------------------------------------------------------------- many adapters in one batch
+@dataclass(frozen=True)
+class StackedLora:
+    """The plain LoRA adapters of one layer, stacked for mixed batches (``per_sample_adapters``).
+
+    names: the adapters, in slot order. A: (n, r_max, K). B: (n, N, r_max). scaling: (n,). Ranks
+    below r_max are zero-padded: the padded terms add exact zeros. All in the adapters' dtype,
+    detached (the stacked path runs without gradients to the factors).
+    """
+
+    names: tuple[str, ...]
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: torch.Tensor
+
+
+@torch.no_grad()
+def stack_lora(names: Sequence[str], factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> StackedLora:
+    """Stack (A (r_i, K), B (N, r_i), s_i) of one dtype and device into a ``StackedLora``."""
+    A0, B0, _ = factors[0]
+    r_max = max(A.shape[0] for A, _, _ in factors)
+    A = A0.new_zeros(len(factors), r_max, A0.shape[1])
+    B = B0.new_zeros(len(factors), B0.shape[0], r_max)
+    for i, (a, b, _) in enumerate(factors):
+        A[i, : a.shape[0]] = a
+        B[i, :, : b.shape[1]] = b
+    scaling = torch.tensor([float(s) for _, _, s in factors], dtype=A0.dtype, device=A0.device)
+    return StackedLora(tuple(names), A, B, scaling)
+
+
+def _multi_shrink(x: torch.Tensor, stack: StackedLora, where: RowSlots) -> torch.Tensor:
+    """S = s_j · x_i A_jᵀ for the rows with a slot, one batched product over chunks of rows sharing
+    a slot (``RowSlots``: no factor copied per row). (chunks, chunk·T, r_max), chunk layout."""
+    K = x.shape[-1]
+    x = x.to(stack.A.dtype)
+    if where.chunk_rows is not None:
+        x = x.index_select(0, where.chunk_rows)
+    A, s = stack.A, stack.scaling
+    if where.chunk_slots is not None:
+        A, s = A.index_select(0, where.chunk_slots), s.index_select(0, where.chunk_slots)
+    return torch.bmm(x.view(A.shape[0], -1, K), A.transpose(1, 2)).mul_(s[:, None, None])
+
+
+def _in_row_order(t: torch.Tensor, T: int, where: RowSlots) -> torch.Tensor:
+    """A chunk-layout (chunks, chunk·T, d) result as (R', T, d) in row order."""
+    t = t.view(-1, T, t.shape[-1])
+    return t if where.pos is None else t.index_select(0, where.pos)
+
+
+def _expand_per_row(T: int, r: int) -> bool:
+    """Whether the expand gathers B per row (R'·N·r elements) rather than gathering its grouped
+    result back into row order (about 2·R'·T·N): per row from T >= r/2 on (prefill, not decode)."""
+    return 2 * T >= r
+
+
+def multi_lora_reference(x: torch.Tensor, stack: StackedLora, where: RowSlots) -> torch.Tensor:
+    """Every row's LoRA branch with its own adapter, in the adapters' dtype: for row i with slot
+    j, s_j · (x_i A_jᵀ) B_jᵀ, as two batched products (the FLOPs of one product per slot).
+
+    Args:
+        x: (R, T, K) (rows, tokens per row, features). where: the rows' slots in ``stack``.
+    Returns:
+        (R', T, N) for the rows with a slot (``where.rows``), in row order. Each sums over the same
+        K and r_max terms as ``lora_branch`` (the padding adds zeros), in another order: within
+        the same fp rounding bounds.
+    """
+    T = x.shape[1]
+    S = _multi_shrink(x, stack, where)
+    if _expand_per_row(T, stack.A.shape[1]):
+        return torch.bmm(_in_row_order(S, T, where), stack.B.index_select(0, where.row_slots).transpose(1, 2))
+    B = stack.B if where.chunk_slots is None else stack.B.index_select(0, where.chunk_slots)
+    return _in_row_order(torch.bmm(S, B.transpose(1, 2)), T, where)
+
+
+def backend_for_rows(x: torch.Tensor, y: torch.Tensor, stack: StackedLora, backend: str | None = None) -> str:
+    """Which path ``multi_lora_add`` takes: "torch" or "triton" (same switches as ``backend_for``)."""
+    choice = backend or _backend
+    if choice not in _BACKENDS:
+        raise ValueError(f"MINILORA_BACKEND / backend must be one of {_BACKENDS}, got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    # The kernels write into y in place and have no backward: inference only.
+    usable = (x.is_cuda and x.dtype == y.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+              and stack.A.shape[1] <= kernels.MAX_RANK and not torch.is_grad_enabled()
+              and kernels.available())
+    if choice == "triton" and not usable:
+        raise RuntimeError(
+            "backend 'triton' was forced for a mixed batch but cannot run here: it needs x on a CUDA device, x "
+            "and the base output of one dtype among fp16/bf16/fp32, ranks of at most "
+            f"{kernels.MAX_RANK}, gradients off (torch.no_grad() or torch.inference_mode()), and an "
+            "importable triton (pip install minilora[triton])")
+    return "triton" if usable else "torch"
+
+
+def multi_lora_add(y: torch.Tensor, x: torch.Tensor, stack: StackedLora, where: RowSlots,
+                   backend: str | None = None) -> torch.Tensor:
+    """y plus every row's LoRA branch with its own adapter: the mixed-batch forward.
+
+    Args:
+        y: (R, ..., N) the base output, consumed: both paths add into it in place when they can
+            (pass a tensor nothing else reads, as a layer's fresh base output).
+        x: (R, ..., K) the layer input.
+        where: each row's slot in ``stack`` (``RowAdapters.slots``); rows without one keep y.
+    Returns:
+        (R, ..., N) in y's dtype. The PyTorch path adds the branch (adapter dtype) to y and rounds
+        once, as the per-adapter loop does; the Triton path (``minilora.kernels.multi_lora``)
+        runs the branch in y's dtype with fp32 accumulation.
+    """
+    R, N = y.shape[0], y.shape[-1]
+    x3 = x.reshape(R, -1, x.shape[-1])
+    if backend_for_rows(x, y, stack, backend) == "triton":
+        y = y.contiguous()  # the kernels add into a view of it
+        kernels.multi_lora_add_(y.view(R, -1, N), x3, stack.A, stack.B, stack.scaling, where)
+        return y
+    T, r = x3.shape[1], stack.A.shape[1]
+    if where.rows is None and y.dtype == stack.A.dtype and _expand_per_row(T, r):
+        # The add fused into the expand, in place: y += S B_iᵀ, one pass over the output. y is the
+        # layer's fresh base output (as for the kernels).
+        S = _in_row_order(_multi_shrink(x3, stack, where), T, where)
+        B = stack.B.index_select(0, where.row_slots)
+        y = y.contiguous()
+        y.view(R, T, N).baddbmm_(S, B.transpose(1, 2))
+        return y
+    delta = multi_lora_reference(x3, stack, where)
+    out = y.reshape(R, -1, N).to(torch.promote_types(y.dtype, delta.dtype))
+    out = out + delta if where.rows is None else out.index_add(0, where.rows, delta)
+    return out.to(y.dtype).view(y.shape)
 
 
 # ---------------------------------------------------------------- merging and DoRA

@@ -28,3 +28,23 @@ def test_bench_kernels_dry_run(tmp_path):
                    "triton-p0.05"):
         assert f"| {method} |" in text, method
     assert plots[0].stat().st_size > 1000
+
+
+MULTI = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_multi_adapter.py"
+
+
+def test_bench_multi_adapter_dry_run(tmp_path):
+    """benchmarks/bench_multi_adapter.py --dry-run: every method, the check against fp32, the report."""
+    pytest.importorskip("triton")
+    pytest.importorskip("peft")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONSAFEPATH="1")
+    proc = subprocess.run([sys.executable, str(MULTI), "--dry-run", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = list(tmp_path.glob("multi-adapter-CPU-dry-run-*.md"))
+    assert len(reports) == 1, list(tmp_path.iterdir())
+    text = reports[0].read_text()
+    assert "DRY RUN" in text and "All methods within" in text and "## decode" in text and "## prefill" in text
+    for method in ("base", "triton", "minilora-torch", "minilora-loop", "peft"):
+        assert f"| {method} |" in text, method
+    assert "extra cost over base" in text

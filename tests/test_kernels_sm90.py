@@ -105,7 +105,7 @@ def compile_variant(variant: str, dtype: str, dropout: bool) -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
-            constexprs = dict(spec["flags"], DOT_PRECISION="ieee")  # as _dot_precision (no TF32)
+            constexprs = dict(spec["flags"], DOT_PRECISION="ieee")  # as dot_precision (no TF32)
             if "DROPOUT" in fn.arg_names:
                 constexprs["DROPOUT"] = dropout
             if variant == "gemm_dx":
@@ -213,3 +213,80 @@ def _check_cpu_tensors_rejected():
 
 def test_compiled_mode_rejects_cpu_tensors(compiler):
     compiler(_check_cpu_tensors_rejected)
+
+
+# ------------------------------------------------------------------ mixed batches (multi_lora.py)
+# Pointer dtypes ("c" = compute dtype; the stack's factors and scalings are fp32 over a bf16/fp16
+# model) and the strides that are 1 for the contiguous tensors ops.multi_lora_add passes.
+MULTI_VARIANTS = {
+    "multi_shrink": dict(kernel="_shrink_kernel",
+                         ptrs=dict(x_ptr="c", a_ptr="fp32", scale_ptr="fp32", s_ptr="c", rows_ptr="i32",
+                                   seg_slot_ptr="i32", seg_start_ptr="i32"),
+                         unit=("stride_xk", "stride_ak", "stride_sr")),
+    "multi_expand": dict(kernel="_expand_kernel",
+                         ptrs=dict(s_ptr="c", b_ptr="fp32", y_ptr="c", rows_ptr="i32", seg_slot_ptr="i32",
+                                   seg_start_ptr="i32"),
+                         unit=("stride_sr", "stride_br", "stride_yn")),
+}
+# Tokens per row and rank are not 16-aligned in general: no divisibility hint for them.
+_UNALIGNED = ("T", "R")
+
+
+def compile_multi_variant(variant: str, dtype: str) -> list[dict]:
+    """Compile a multi_lora kernel for every token bucket and padded rank the GPU would launch
+    (bf16: every padded rank; fp16 and fp32: rank 16, their tiles differ from bf16 only there)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from minilora.kernels import multi_lora as ml
+
+    assert not ml.INTERPRET
+    spec = MULTI_VARIANTS[variant]
+    fn = getattr(ml, spec["kernel"])
+    results = []
+    # decode (one token per row) specializes T to the constant 1: compiled on its own
+    launches = [(m, block_r, decode) for m in ml.CONFIG_MS for decode in ((False, True) if m == 1 else (False,))
+                for block_r in (ALL_RANK_BLOCKS if dtype == "bf16" else (16,))]
+    for m, block_r, decode in launches:
+        cfg = ml.tiles_for(variant.removeprefix("multi_"), m, block_r)
+        constexprs = dict(DOT_PRECISION="ieee", BLOCK_M=cfg.block_m, BLOCK_R=block_r)
+        if decode:
+            constexprs["T"] = 1
+        constexprs["BLOCK_K" if variant == "multi_shrink" else "BLOCK_N"] = cfg.block_kn
+        signature, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in constexprs or name in spec["unit"]:
+                signature[name] = "constexpr"
+                constexprs.setdefault(name, 1)
+            elif name in spec["ptrs"]:
+                kind = spec["ptrs"][name]
+                signature[name] = "*" + (dtype if kind == "c" else kind)
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:  # sizes and strides
+                signature[name] = "i32"
+                if name not in _UNALIGNED:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        ptx = compiled.asm["ptx"]
+        results.append(dict(m=m, decode=decode, block_r=block_r, config=cfg, shared=compiled.metadata.shared,
+                            wgmma="wgmma" in ptx, cubin=bool(compiled.asm.get("cubin"))))
+    return results
+
+
+MULTI_CASES = [(v, dt) for v in MULTI_VARIANTS for dt in ("bf16", "fp16", "fp32")]
+
+
+@pytest.mark.parametrize("variant,dtype", MULTI_CASES, ids=[f"{v}-{dt}" for v, dt in MULTI_CASES])
+def test_multi_lora_compiles_for_h100(compiler, variant, dtype):
+    results = compiler(compile_multi_variant, variant, dtype)
+    assert results
+    for res in results:
+        where = f"{variant} {dtype} tokens={res['m']} BLOCK_R={res['block_r']} {res['config']}"
+        assert res["cubin"], f"no cubin for {where}"
+        assert res["shared"] <= H100_MAX_SHARED, f"{res['shared']} B of shared memory: {where}"
+        # wgmma: 16-bit inputs and a warpgroup-sized token tile (the prefill bucket)
+        if dtype != "fp32" and res["config"].block_m >= 64:
+            assert res["wgmma"], f"no wgmma in the PTX of {where}"
