@@ -133,6 +133,9 @@ def adapter_name_problem(model: nn.Module, name: object) -> str | None:
         # rows of per_sample_adapters that run without an adapter, so it must never be one.
         return (f"adapter_name={name!r} is invalid: use a non-empty string without dots, other than "
                 f"{BASE_ADAPTER!r} (reserved for rows without adapter in per_sample_adapters)")
+    if hasattr(nn.ModuleDict, name):  # adapters live in ModuleDicts, which refuse their own attributes as keys
+        return (f"adapter_name={name!r} is invalid: it is an attribute of torch's nn.ModuleDict, which holds each "
+                "layer's adapters; choose another name")
     state = lora_state(model)
     if state and name in state.configs:
         return (f"an adapter named {name!r} is already injected into this model; use another adapter_name "

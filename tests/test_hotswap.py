@@ -421,3 +421,25 @@ def test_same_swap_in_peft_gives_the_same_outputs_and_peft_refuses_what_minilora
         peft_hotswap(theirs, paths[2], adapter_name="default", torch_device="cpu")
     minilora.hotswap_adapter(ours, paths[2])
     assert _rel(_out(ours, inputs), _out(_fresh("llama", paths[2]), inputs)) <= FP64_TOL
+
+
+def test_mixed_batch_after_a_swap_uses_the_swapped_scaling(tmp_path):
+    """per_sample_adapters stacks each layer's adapters once and keeps the stack while they do not
+    change; a swap into a prepared model writes the factors and the held scaling in place, so the
+    stack must see both (the scaling by its tensor's version) and the rows get the new adapter."""
+    paths = _save_adapters("llama", tmp_path)
+    model = _fresh("llama", paths[0])
+    minilora.load_adapter(model, paths[1], adapter_name="other")
+    minilora.prepare_for_hotswap(model, target_rank=_max_rank("llama"))
+    model.eval()
+    inputs = _inputs("llama", model)
+    rows = inputs["input_ids"].shape[0]
+    names = ["default" if i % 2 == 0 else "other" for i in range(rows)]
+    with torch.no_grad(), minilora.per_sample_adapters(model, names):
+        _out(model, inputs)  # builds and caches the stacks
+    minilora.hotswap_adapter(model, paths[3], "default")  # same rank as a3's room, another alpha
+    with torch.no_grad(), minilora.per_sample_adapters(model, names):
+        mixed = _out(model, inputs)
+    expected = _out(_fresh("llama", paths[3]).eval(), inputs)
+    for i in range(0, rows, 2):
+        assert _rel(mixed[i], expected[i]) <= FP64_TOL, i

@@ -224,6 +224,8 @@ ERRORS = [
      r"target .conv0.: r=3 is not a multiple of the conv.s groups=2"),
     ("llama", dict(targets=["q_proj"], adapter_name="a.b"), ValueError, r"adapter_name='a\.b' is invalid"),
     ("llama", dict(targets=["q_proj"], adapter_name="__base__"), ValueError, r"adapter_name='__base__' is invalid"),
+    ("llama", dict(targets=["q_proj"], adapter_name="half"), ValueError,
+     r"adapter_name='half' is invalid: it is an attribute of torch's nn\.ModuleDict"),
     ("llama", dict(targets=None), ValueError, r"target_modules is None"),
     ("llama", dict(config="q_proj"), TypeError, r"config must be a minilora\.LoraConfig, got str"),
 ]
