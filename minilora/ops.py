@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from minilora import kernels
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend", "merge_dtype",
-           "lora_delta", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm",
+           "lora_delta", "param_delta", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm",
            "dora_linear"]
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -145,6 +145,37 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dt
     if A.dim() > 2:  # ConvNd: B (out, r, 1, ...) read as (out, r)
         return torch.einsum("or,r...->o...", B.flatten(1)[rows], A).mul_(scaling)
     return (B[rows] @ A).mul_(scaling)
+
+
+def param_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype, shape: tuple[int, ...],
+                *, transposed: bool = False, rows: slice = slice(None)) -> torch.Tensor:
+    """The delta of a LoRA on a parameter (``target_parameters``) in ``dtype``, in the parameter's
+    stored layout: the one formula of its merges, whole or one block of dim 0 at a time.
+
+    A 2-D parameter (out, in) is a plain linear weight: ``lora_delta``. A 3-D stack of E experts
+    gives each expert e its own rank-r pair, held in two matrices: expert e's A_e is rows
+    e·r .. e·r+r-1 of A, and its B_e is the columns e, E+e, 2E+e, ... of B (B's columns run
+    rank-major). Then delta[e] = s·B_e @ A_e, stored (out, in), or (in, out) when ``transposed``.
+
+    Args:
+        A: (r, in) for 2-D; (E·r, in) for 3-D.
+        B: (out, r) for 2-D; (out, E·r) for 3-D.
+        shape: the parameter's shape: (out, in), (E, out, in), or (E, in, out) when ``transposed``.
+        transposed: a 3-D stack stored (experts, in, out).
+        rows: which slice of dim 0 (rows of a 2-D parameter, experts of a 3-D one); default all.
+    Returns:
+        ``shape`` restricted to ``rows`` along dim 0, contiguous.
+    """
+    if len(shape) == 2:
+        return lora_delta(A, B, scaling, dtype, rows=rows)
+    if len(shape) != 3:
+        raise ValueError(f"LoRA on a parameter needs a 2-D or 3-D one, got shape {tuple(shape)}")
+    experts = shape[0]
+    A3 = A.to(dtype).unflatten(0, (experts, -1))[rows]  # (e, r, in)
+    B3 = B.to(dtype).unflatten(1, (-1, experts))[:, :, rows].permute(2, 0, 1)  # (e, out, r)
+    if transposed:
+        return torch.bmm(A3.transpose(1, 2), B3.transpose(1, 2)).mul_(scaling)  # (e, in, out)
+    return torch.bmm(B3, A3).mul_(scaling)  # (e, out, in)
 
 
 def grouped_merge_problem(groups: int) -> str | None:
