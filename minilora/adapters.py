@@ -22,6 +22,7 @@ from minilora.config import LoraConfig
 from minilora.inject import BASE_ADAPTER, adapter_name_problem, lora_layers, require_state, unload, update_trainable
 from minilora.layers import LoraConv, LoraLayer
 from minilora.modules_to_save import ModulesToSave
+from minilora.params import LoraParams
 from minilora.rows import RowAdapters
 from minilora.tree import hosts, set_active, swap, walk
 
@@ -29,7 +30,8 @@ __all__ = ["set_adapter", "delete_adapter", "add_weighted_adapter", "per_sample_
 
 
 def _merged_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
-    return [(name, list(layer.merged)) for name, layer in lora_layers(model) if layer.merged]
+    return [(name, list(host.merged)) for name, host in walk(model)
+            if isinstance(host, (LoraLayer, LoraParams)) and host.merged]
 
 
 def _apply_active(model: nn.Module, active: tuple[str, ...]) -> None:
@@ -244,6 +246,10 @@ def _check_request(model: nn.Module, configs: list[LoraConfig], adapters: list[s
                          f"choose one of {sorted(COMBINATIONS)}")
     if len({isinstance(c.target_modules, str) for c in configs}) > 1:
         raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
+    on_params = [a for a, c in zip(adapters, configs) if c.target_parameters]
+    if on_params:
+        raise ValueError(f"add_weighted_adapter: {on_params} adapt parameters (target_parameters), which cannot "
+                         "be combined (as in peft); combine adapters on target_modules only, or merge these in turn")
     dora = [a for a, c in zip(adapters, configs) if c.use_dora]
     if dora:
         # A combination given fresh magnitudes would be unrelated to the sources' trained ones.

@@ -9,8 +9,9 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from minilora.inject import Untied, lora_layers, lora_state, require_state, unload
+from minilora.inject import Untied, lora_state, require_state, unload
 from minilora.layers import LoraLayer
+from minilora.params import LoraParams
 from minilora.tree import hosts, walk
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "disable_adapters"]
@@ -22,6 +23,11 @@ def _names(model: nn.Module, adapter_names: Sequence[str] | str | None, what: st
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     require_state(model, what, names)
     return names
+
+
+def _merge_hosts(model: nn.Module) -> list[tuple[str, LoraLayer | LoraParams]]:
+    """Every host whose adapters merge into weights: LoRA layers and LoRA on parameters."""
+    return [(n, m) for n, m in walk(model) if isinstance(m, (LoraLayer, LoraParams))]
 
 
 def _untie_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
@@ -74,7 +80,7 @@ def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
     Merging an adapter twice changes nothing. Returns the model.
     """
     names = _names(model, adapter_names, "merge")
-    layers = list(lora_layers(model))
+    layers = _merge_hosts(model)
     for name, layer in layers:
         todo = [n for n in names if n in layer.adapters and n not in layer.merged]
         if not todo:
@@ -83,14 +89,13 @@ def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
         if problem:
             raise ValueError(f"cannot merge into {name!r}: {problem}; nothing was merged")
         if safe:
-            weight, bias = layer.merged_weights(todo)
-            bad = [t for t, tensor in (("weight", weight), ("bias", bias)) if tensor is not None
-                       and not torch.isfinite(tensor).all()]
+            bad = [t for t, tensor in layer.merged_tensors(todo).items() if tensor is not None
+                   and not torch.isfinite(tensor).all()]
             if bad:
                 raise ValueError(f"merging {todo} into {name!r} gives non-finite values in its {bad[0]}; "
                                  "nothing was merged (the adapter weights are probably broken)")
-    _untie_shared(model, [(n, layer) for n, layer in layers
-                          if any(a in layer.adapters and a not in layer.merged for a in names)])
+    _untie_shared(model, [(n, layer) for n, layer in layers if isinstance(layer, LoraLayer)
+                          and any(a in layer.adapters and a not in layer.merged for a in names)])
     for _, layer in layers:
         layer.merge([n for n in names if n in layer.adapters], keep_original=keep_original)
     return model
@@ -104,7 +109,7 @@ def unmerge(model: nn.Module, adapter_names: Sequence[str] | str | None = None) 
     """
     require_state(model, "unmerge")
     names = None if adapter_names is None else _names(model, adapter_names, "unmerge")
-    for _, layer in lora_layers(model):
+    for _, layer in _merge_hosts(model):
         layer.unmerge(names)
     _retie(model)
     return model
@@ -129,7 +134,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """
     require_state(model, "disable_adapters")
     modules = [host for _, host in hosts(model)]
-    merged = [n for n, layer in lora_layers(model) if layer.merged]
+    merged = [n for n, layer in _merge_hosts(model) if layer.merged]
     if merged:
         raise ValueError(f"cannot disable adapters while they are merged (e.g. in {merged[0]!r}); "
                          "call minilora.unmerge(model) first")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from minilora import kernels
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend", "merge_dtype",
-           "lora_delta", "param_delta", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm",
+           "lora_delta", "param_delta", "param_weight", "grouped_merge_problem", "row_blocks", "dora_norm", "dora_dot_chunk", "dora_merge_norm",
            "dora_linear"]
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -170,12 +170,45 @@ def param_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.d
         return lora_delta(A, B, scaling, dtype, rows=rows)
     if len(shape) != 3:
         raise ValueError(f"LoRA on a parameter needs a 2-D or 3-D one, got shape {tuple(shape)}")
-    experts = shape[0]
-    A3 = A.to(dtype).unflatten(0, (experts, -1))[rows]  # (e, r, in)
-    B3 = B.to(dtype).unflatten(1, (-1, experts))[:, :, rows].permute(2, 0, 1)  # (e, out, r)
+    A3, B3 = _expert_factors(A.to(dtype), B.to(dtype), shape[0])
+    A3, B3 = A3[rows], B3[rows]
     if transposed:
         return torch.bmm(A3.transpose(1, 2), B3.transpose(1, 2)).mul_(scaling)  # (e, in, out)
     return torch.bmm(B3, A3).mul_(scaling)  # (e, out, in)
+
+
+def _expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of each expert's factors: A (E·r, in) -> (E, r, in); B (out, E·r) -> (E, out, r)."""
+    return A.unflatten(0, (experts, -1)), B.unflatten(1, (-1, experts)).permute(2, 0, 1)
+
+
+def param_weight(weight: torch.Tensor, adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float]], *,
+                 transposed: bool = False) -> torch.Tensor:
+    """The adapted parameter W + Σ s·B_e @ A_e that a module's forward reads in place of W, with
+    autograd to the factors: one ``addmm`` (2-D) or ``baddbmm`` over all experts (3-D) per adapter,
+    no loop over experts. Computed in the wider of W's and the factors' dtypes (fp32 factors over a
+    bf16 W: fp32) and rounded once to W's dtype; autocast off, as the module expects W's dtype.
+
+    Args:
+        weight: (out, in), or (E, out, in) / (E, in, out) when ``transposed``, as ``param_delta``.
+        adapters: (A, B, scaling) per adapter, factors shaped as in ``param_delta``.
+    Returns:
+        ``weight``'s shape and dtype.
+    """
+    dtype = torch.promote_types(weight.dtype, adapters[0][0].dtype)
+    with torch.autocast(weight.device.type, enabled=False):
+        out = weight.to(dtype)
+        for A, B, scaling in adapters:
+            A, B = A.to(dtype), B.to(dtype)
+            if weight.dim() == 2:
+                out = torch.addmm(out, B, A, alpha=scaling)
+                continue
+            A3, B3 = _expert_factors(A, B, weight.shape[0])
+            if transposed:
+                out = torch.baddbmm(out, A3.transpose(1, 2), B3.transpose(1, 2), alpha=scaling)
+            else:
+                out = torch.baddbmm(out, B3, A3, alpha=scaling)
+        return out.to(weight.dtype)
 
 
 def grouped_merge_problem(groups: int) -> str | None:

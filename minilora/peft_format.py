@@ -24,7 +24,7 @@ from minilora.config import LoraConfig
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX", "FACTOR_KEYS", "DIGEST_KEY",
            "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "AdapterFileError", "TensorEntry", "read_json",
-           "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor", "check_tensor",
+           "param_module_key", "read_config_file", "config_digest", "check_digest", "read_header", "read_tensor", "check_tensor",
            "check_finite", "header_bytes", "tensor_bytes", "safetensors_bytes", "AdapterModule", "adapter_modules"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -40,6 +40,18 @@ FACTOR_KEYS: dict[bool, dict[str, str]] = {
             "magnitude": "lora_magnitude_vector"},
     True: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "magnitude": "lora_magnitude_vector"},
 }
+
+
+def param_module_key(module: str, index: int, count: int) -> str:
+    """peft's module path for LoRA on the ``index``-th of ``count`` adapted parameters of
+    ``module`` (in the module's parameter order): peft nests one wrapper per parameter, the first
+    innermost, each under the next one's ``base_layer``. ``index == count`` gives the path of the
+    module's own tensors, below every wrapper. E.g. ``experts`` with (gate_up_proj, down_proj):
+    ``experts.base_layer`` (gate_up_proj's factors), ``experts`` (down_proj's),
+    ``experts.base_layer.base_layer`` (the stacks themselves)."""
+    return module + ".base_layer" * (count - 1 - index if index < count else count)
+
+
 #: Metadata key of the weights file holding :func:`config_digest` of the config saved with it.
 DIGEST_KEY = "minilora.config_sha256"
 
