@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel lies on disk on our machines; elsewhere pip takes a normal torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test demo bench bench-dora bench-qlora
+.PHONY: venv test demo bench bench-dora bench-qlora bench-moe
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,7 +25,7 @@ NUMERIC_TESTS := tests/test_equivalence_peft.py tests/test_distributed.py tests/
 	tests/test_cli_merge.py tests/test_kernels_interpret.py tests/test_properties.py \
 	tests/test_adapters.py tests/test_grad_checkpointing.py tests/test_init.py \
 	tests/test_dora_norm.py tests/test_dora_peft.py tests/test_dora_adapters.py \
-	tests/test_cli_merge_dora.py tests/test_qlora.py
+	tests/test_cli_merge_dora.py tests/test_qlora.py tests/test_target_parameters.py tests/test_param_delta.py
 OTHER_SUMS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 OMP_NUM_THREADS=1
 
 test: $(VENV)/.installed
@@ -45,3 +45,7 @@ bench-qlora: $(VENV)/.installed
 # DoRA vs LoRA and vs peft's DoRA on one layer, with the memory of a training step (needs peft).
 bench-dora: $(VENV)/.installed
 	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_dora.py
+
+# LoRA on the experts of one MoE layer (target_parameters) vs peft, forward and forward+backward (needs peft).
+bench-moe: $(VENV)/.installed
+	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_moe.py

@@ -180,6 +180,11 @@ def _choose_parameters(modules: list[tuple[str, nn.Module]], config: LoraConfig,
     found: dict[str, list[str]] = {}
     keys = []  # every candidate "<module>.<parameter>", for the hint when nothing matches
     inner = chosen | {n for n, m in modules if isinstance(m, (LoraLayer, LoraParams, ModulesToSave))}
+    owners: dict[int, list[str]] = {}
+    for name, module in modules:
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
     for name, module in modules:
         for pname, param in module._parameters.items():
             key = f"{name}.{pname}" if name else pname
@@ -187,6 +192,10 @@ def _choose_parameters(modules: list[tuple[str, nn.Module]], config: LoraConfig,
             if param is None or not matches_name(key, wanted):
                 continue
             _check_parameter(name, module, pname, chosen, save, inner)
+            if len(owners[id(param)]) > 1:  # a merge would change the other owner's weight too
+                raise ValueError(f"target_parameters matches {key}, which is shared with "
+                                 f"{[o for o in owners[id(param)] if o != key]} (tied weights); adapt it through "
+                                 "target_modules, or untie it first")
             found.setdefault(name, []).append(pname)
     missing = unmatched_targets([f"{n}.{p}" for n, ps in found.items() for p in ps], wanted)
     hints = "; ".join(_closest_hint(t, keys) for t in missing)

@@ -412,3 +412,25 @@ def test_unmatched_entry_warns_with_closest_name():
     with pytest.warns(UserWarning, match="experts.down_prj.*experts.down_proj"):
         minilora.inject(build_model("mixtral"), target_modules=[], target_parameters=["experts.down_prj",
                                                                                        "experts.gate_up_proj"])
+
+
+def test_tied_parameter_is_refused():
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=1, num_attention_heads=4, tie_word_embeddings=True))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="lm_head.weight.*shared with.*embed_tokens.weight"):
+        minilora.inject(model, target_parameters=["lm_head.weight"])
+    assert_unchanged(model, before)
+
+
+def test_second_adapter_loads_next_to_the_first(tmp_path):
+    fields = dict(target_modules=[], target_parameters=EXPERTS, r=2, lora_alpha=4)
+    base, ours, pm = make_pair("mixtral", fields)
+    minilora.save_adapter(ours, tmp_path)
+    minilora.load_adapter(ours, tmp_path, adapter_name="again")
+    minilora.set_adapter(ours, "again")
+    inputs = inputs_for("mixtral")
+    with torch.no_grad():
+        assert max_rel_err(output(ours, inputs), output(pm, inputs)) <= FP64_TOL
