@@ -183,11 +183,17 @@ def test_matches_peft(kind, fields, tmp_path):
     assert sorted(minilora.adapted_modules(ours)) == peft_adapted(pm)
     assert minilora.trainable_parameters(ours) == pm.get_nb_trainable_parameters()
     assert set(base.state_dict()) <= set(ours.state_dict())
-    targets = minilora.find_targets(base, minilora.LoraConfig(**fields))
-    assert [t for t in targets if "." in t and t.rsplit(".", 1)[1] in ("gate_up_proj", "down_proj", "weight")
-            and t.rsplit(".", 1)[0] in minilora.adapted_modules(ours)]
+    layers = [n for n, m in walk(ours) if isinstance(m, LoraLayer)]
+    params = [f"{n}.{p}" for n, host in param_hosts(ours) for p in host.targets]
+    assert minilora.find_targets(base, minilora.LoraConfig(**fields)) == layers + params
 
-    # outputs, gradients and three lockstep Adam steps
+    check_training(base, ours, pm, inputs)
+    check_files(base, ours, pm, inputs, tmp_path)
+    check_merges(base, ours, pm, inputs)
+
+
+def check_training(base, ours, pm, inputs) -> None:
+    """Outputs and gradients equal to peft's, through three lockstep Adam steps."""
     params = file_key_params(ours)
     theirs = dict(pm.named_parameters())
     assert set(params) == {n for n, p in pm.named_parameters() if p.requires_grad}
@@ -207,7 +213,9 @@ def test_matches_peft(kind, fields, tmp_path):
             assert (p.grad - theirs[key].grad).abs().max().item() <= FP64_TOL * scale, key
         opt_ours.step(), opt_peft.step()
 
-    # save in minilora -> load in peft, and the reverse
+
+def check_files(base, ours, pm, inputs, tmp_path) -> None:
+    """Saved by minilora, loaded by peft; saved by peft, loaded by minilora: the same outputs."""
     minilora.save_adapter(ours, tmp_path / "ours")
     pm.save_pretrained(tmp_path / "peft")
     with warnings.catch_warnings():
@@ -219,8 +227,11 @@ def test_matches_peft(kind, fields, tmp_path):
         assert max_rel_err(output(loaded_peft, inputs), y_ours) <= FP64_TOL
         assert max_rel_err(output(loaded_ours, inputs), y_ours) <= FP64_TOL
 
-    # merge, merged parameters against float64, merge_and_unload
+
+def check_merges(base, ours, pm, inputs) -> None:
+    """merge (against peft and a float64 reference of each merged stack), merge_and_unload."""
     with torch.no_grad():
+        y_ours = output(ours, inputs)
         originals = {f"{n}.{p}": host._parameters[p].clone() for n, host in param_hosts(ours) for p in host.targets}
         minilora.merge(ours)
         pm.merge_adapter()
