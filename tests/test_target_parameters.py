@@ -445,3 +445,22 @@ def test_second_adapter_loads_next_to_the_first(tmp_path):
     inputs = inputs_for("mixtral")
     with torch.no_grad():
         assert max_rel_err(output(ours, inputs), output(pm, inputs)) <= FP64_TOL
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The host lends the folded stack again when a checkpointed block reruns its forward."""
+    fields = dict(target_modules=["q_proj"], target_parameters=EXPERTS, r=2, lora_alpha=4)
+    _, ours, _ = make_pair("mixtral", fields)
+    checkpointed = copy.deepcopy(ours)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    inputs = inputs_for("mixtral")
+    grads = []
+    for model in (ours, checkpointed):
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # use_cache is switched off
+            loss_of(output(model, inputs)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():  # the same float64 operations again: the same bits
+        assert grads[1][name] is not None and torch.equal(grad, grads[1][name]), name
