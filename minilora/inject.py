@@ -332,7 +332,7 @@ def _plan_modules_to_save(modules, names, save_names, config, chosen, notes) -> 
     for name, module in modules:
         if not name or not matches_name(name, save_names) or any(name.startswith(s + ".") for s in save):
             continue
-        if isinstance(module, LoraLayer) or name in chosen_names:
+        if isinstance(module, (LoraLayer, LoraParams)) or name in chosen_names:
             raise ValueError(f"module {name!r} is both a LoRA target and in modules_to_save; a module is either "
                              "adapted with LoRA or trained in full, not both")
         save.append(name)

@@ -464,3 +464,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():  # the same float64 operations again: the same bits
         assert grads[1][name] is not None and torch.equal(grad, grads[1][name]), name
+
+
+def test_modules_to_save_of_a_later_adapter_cannot_wrap_parameter_lora():
+    model = minilora.inject(build_model("mlp_params"), target_parameters=["lin0.weight"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'lin0' is both a LoRA target and in modules_to_save"):
+        minilora.inject(model, target_modules=["lin1"], modules_to_save=["lin0"], adapter_name="b")
+    assert_unchanged(model, before)
