@@ -26,7 +26,7 @@ from minilora.layers import LoraAdapter, init_adapter
 from minilora.ops import merge_dtype
 from minilora.tree import AdapterHost, walk
 
-__all__ = ["LoraParams", "param_hosts", "parameter_problem"]
+__all__ = ["LoraParams", "param_hosts", "parameter_problem", "factor_shapes"]
 
 
 def parameter_problem(module: nn.Module, name: str) -> str | None:
@@ -39,6 +39,18 @@ def parameter_problem(module: nn.Module, name: str) -> str | None:
     if not param.is_floating_point():
         return f"it is a {param.dtype} tensor, not a floating-point one"
     return None
+
+
+def factor_shapes(shape: tuple[int, ...], r: int,
+                  transposed: bool = False) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(A, B) shapes of LoRA at rank r on a parameter of ``shape``: ((E·r, in), (out, E·r)), E = 1
+    for a 2-D (out, in) one; a 3-D stack is (E, out, in), or (E, in, out) when ``transposed``. Its
+    trainable count is E·r·(in + out)."""
+    experts = shape[0] if len(shape) == 3 else 1
+    n_out, n_in = shape[-2:]
+    if transposed:
+        n_in, n_out = n_out, n_in
+    return (experts * r, n_in), (n_out, experts * r)
 
 
 class LoraParams(AdapterHost):
@@ -73,15 +85,6 @@ class LoraParams(AdapterHost):
         """Whether parameter ``name`` is an expert stack stored (experts, in, out)."""
         return self._parameters[name].dim() == 3 and bool(getattr(self.base_layer, "is_transposed", False))
 
-    def factor_shapes(self, name: str, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(A, B) shapes of parameter ``name`` at rank r: ((E·r, in), (out, E·r)); E = 1 for 2-D."""
-        shape = self._parameters[name].shape
-        experts = shape[0] if len(shape) == 3 else 1
-        n_out, n_in = shape[-2:]
-        if self.transposed(name):
-            n_in, n_out = n_out, n_in
-        return (experts * r, n_in), (n_out, experts * r)
-
     # ------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, ranks: dict[str, tuple[int, float, float]], init: bool | str) -> None:
         """Add ``adapter_name`` on every target; ``ranks[parameter] = (r, alpha, scaling)``."""
@@ -91,8 +94,9 @@ class LoraParams(AdapterHost):
             weight = self._parameters[name]
             # fp32 adapters over a bf16/fp16 parameter (training stability); fp64 stays fp64.
             dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-            adapter = LoraAdapter(*self.factor_shapes(name, r), r=r, alpha=alpha, scaling=scaling, dropout=0.0,
-                                  lora_bias=False, dtype=dtype, device=weight.device)
+            shapes = factor_shapes(tuple(weight.shape), r, self.transposed(name))
+            adapter = LoraAdapter(*shapes, r=r, alpha=alpha, scaling=scaling, dropout=0.0, lora_bias=False,
+                                  dtype=dtype, device=weight.device)
             adapter.train(self.training)
             if not adapter.lora_A.is_meta:
                 init_adapter(adapter, init)
