@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 # The CPU wheel lies on disk on our machines; elsewhere pip takes a normal torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test demo bench bench-dora bench-qlora bench-hotswap bench-multi-adapter bench-multi-adapter-gpu
+.PHONY: venv test demo bench bench-dora bench-qlora bench-hotswap bench-multi-adapter bench-multi-adapter-gpu \
+	bench-moe
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,7 +26,8 @@ NUMERIC_TESTS := tests/test_equivalence_peft.py tests/test_distributed.py tests/
 	tests/test_cli_merge.py tests/test_kernels_interpret.py tests/test_properties.py \
 	tests/test_adapters.py tests/test_grad_checkpointing.py tests/test_init.py \
 	tests/test_dora_norm.py tests/test_dora_peft.py tests/test_dora_adapters.py \
-	tests/test_cli_merge_dora.py tests/test_qlora.py tests/test_hotswap.py tests/test_multi_lora.py
+	tests/test_cli_merge_dora.py tests/test_qlora.py tests/test_hotswap.py tests/test_multi_lora.py \
+	tests/test_target_parameters.py tests/test_param_delta.py tests/test_cli_merge_params.py
 OTHER_SUMS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 OMP_NUM_THREADS=1
 
 test: $(VENV)/.installed
@@ -57,3 +59,6 @@ bench-multi-adapter: $(VENV)/.installed
 # The same on one layer K=N=4096, bf16, 1-64 adapters, decode and prefill: Triton vs loop vs peft (needs a GPU).
 bench-multi-adapter-gpu: $(VENV)/.installed
 	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_multi_adapter.py
+# LoRA on the experts of one MoE layer (target_parameters) vs peft, forward and forward+backward (needs peft).
+bench-moe: $(VENV)/.installed
+	PYTHONSAFEPATH=1 $(PY) benchmarks/bench_moe.py

@@ -258,6 +258,10 @@ def _check_request(model: nn.Module, configs: list[LoraConfig], adapters: list[s
         raise ValueError(f"add_weighted_adapter: {tokens} train token rows (trainable_token_indices), which have no "
                          "weighted combination (each row holds values, not a low-rank delta); combine adapters "
                          "without them")
+    on_params = [a for a, c in zip(adapters, configs) if c.target_parameters]
+    if on_params:
+        raise ValueError(f"add_weighted_adapter: {on_params} adapt parameters (target_parameters), which cannot "
+                         "be combined (as in peft); combine adapters on target_modules only, or merge these in turn")
     dora = [a for a, c in zip(adapters, configs) if c.use_dora]
     if dora:
         # A combination given fresh magnitudes would be unrelated to the sources' trained ones.

@@ -25,11 +25,13 @@ from minilora.config import LoraConfig
 from minilora.inject import inject, lora_layers, lora_state, require_state
 from minilora.layers import LoraEmbedding, LoraLayer
 from minilora.modules_to_save import ModulesToSave
+from minilora.params import LoraParams, param_hosts
 from minilora.patterns import PatternError, time_budget
 from minilora.trainable_tokens import TrainableTokens
 from minilora.tree import AdapterHost, walk
 from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, TOKEN_KEY, WEIGHTS_NAME,
-                                  AdapterFileError, check_digest, check_tensor, config_digest, read_config_file,
+                                  AdapterFileError, check_digest, check_tensor, config_digest, param_module_key,
+                                  read_config_file,
                                   read_header, read_tensor, safetensors_bytes)
 
 __all__ = ["AdapterFileError", "save_adapter", "load_adapter", "adapter_state_dict", "gather_tensors",
@@ -61,6 +63,8 @@ def _peft_names(model: nn.Module) -> dict[str, tuple[str, str | None]]:
                     names[f"{name}.{key}"] = (f"{path}.{suffix}", adapter)
                 else:
                     names[f"{name}.{key}"] = (f"{path}.base_layer.{key}", None)
+        elif isinstance(module, LoraParams):
+            names.update(_param_names(name, module))
         elif isinstance(module, TrainableTokens):
             for key in module.state_dict(keep_vars=True):  # (a tied follower holds no rows of its own)
                 head, _, rest = key.partition(".")
@@ -75,6 +79,21 @@ def _peft_names(model: nn.Module) -> dict[str, tuple[str, str | None]]:
                     adapter, _, sub = rest.partition(".")
                     peft_key = f"{name}.modules_to_save.{sub}" if "." not in sub else f"{name}.{key}"
                     names[f"{name}.{key}"] = (peft_key, adapter)
+    return names
+
+
+def _param_names(name: str, host: LoraParams) -> dict[str, tuple[str, str | None]]:
+    """``_peft_names`` of a host of LoRA on parameters: peft's nesting, by ``param_module_key``."""
+    count, names = len(host.targets), {}
+    for key in host.state_dict(keep_vars=True):
+        head, _, rest = key.partition(".")
+        if head == "adapters":  # adapters.<adapter>.<parameter>.<factor>
+            adapter, _, rest = rest.partition(".")
+            param, _, factor = rest.partition(".")
+            module = param_module_key(name, host.targets.index(param), count)
+            names[f"{name}.{key}"] = (f"{module}.{FACTOR_KEYS[False][factor]}", adapter)
+        else:
+            names[f"{name}.{key}"] = (f"{param_module_key(name, count, count)}.{key}", None)
     return names
 
 
@@ -110,6 +129,11 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, str]:
                 if tensor is not None:
                     key = f"{name}.adapters.{adapter_name}.{param}"
                     slots[names[key][0]] = key
+    for name, host in param_hosts(model):
+        for param, adapter in host.adapters[adapter_name].items() if adapter_name in host.adapters else ():
+            for factor in ("lora_A", "lora_B"):
+                key = f"{name}.adapters.{adapter_name}.{param}.{factor}"
+                slots[names[key][0]] = key
     # Tied copies (embeddings sharing one trained weight) are written under each module's key, so a
     # reader that does not tie gets the weight in both places; loading accepts any one of them.
     for name, wrapper in walk(model):

@@ -32,7 +32,7 @@ Targets = Union[list[str], str, None]
 # The peft feature fields above (see the class), and the bookkeeping ones with their types.
 _FEATURES_OFF = ("use_qalora", "loftq_config", "megatron_config", "layer_replication",
                  "eva_config", "corda_config", "lora_ga_config", "velora_config",
-                 "alora_invocation_tokens", "monteclora_config", "target_parameters", "use_bdlora",
+                 "alora_invocation_tokens", "monteclora_config", "use_bdlora",
                  "arrow_config", "kasa_config")
 _BOOKKEEPING: dict[str, tuple[type, ...]] = {
     "auto_mapping": (dict, type(None)), "peft_version": (str, type(None)), "revision": (str, type(None)),
@@ -96,6 +96,11 @@ class LoraConfig:
         target_modules: list of names (exact, or suffix on a dot boundary), a regex string
             (``re.fullmatch`` on the full name), or ``"all-linear"``.
         exclude_modules: names or regex never adapted.
+        target_parameters: parameter names (``"experts.gate_up_proj"``: exact, or suffix on a
+            dot boundary of ``<module>.<parameter>``) to adapt directly, e.g. the 3-D expert stacks
+            of MoE models, where each expert gets its own rank-r pair; no dropout, fan_in_fan_out,
+            lora_bias, DoRA or pissa/olora there. With these, ``target_modules`` may be ``[]`` or
+            None (no module).
         modules_to_save: modules trained in full (a trainable copy per adapter), e.g.
             ``["lm_head", "embed_tokens"]`` or a classifier head.
         bias: ``"none"``, ``"all"`` (every ``*.bias`` trains) or ``"lora_only"`` (biases of
@@ -120,7 +125,7 @@ class LoraConfig:
             and keeps "all-linear" off them.
         inference_mode: adapters are frozen after inject/load.
         base_model_name_or_path: written into adapter_config.json.
-        use_qalora, loftq_config, target_parameters, ...: every
+        use_qalora, loftq_config, eva_config, ...: every
             other field of ``peft.LoraConfig``, for features minilora does not implement; accepted
             at the value that switches the feature off (a no-op), refused (ValueError) otherwise.
         peft_type, peft_version, revision, auto_mapping, ...: peft's bookkeeping; kept for the
@@ -145,6 +150,7 @@ class LoraConfig:
     task_type: str | None = None
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
+    target_parameters: list[str] | None = None
     # peft's fields for features minilora does not implement, at their "off" value (see the docstring).
     use_dora: bool = False
     use_qalora: bool = False
@@ -158,7 +164,6 @@ class LoraConfig:
     velora_config: Any = None
     alora_invocation_tokens: Any = None
     monteclora_config: Any = None
-    target_parameters: Any = None
     use_bdlora: Any = None
     arrow_config: Any = None
     kasa_config: Any = None
@@ -191,8 +196,10 @@ class LoraConfig:
             set_(name, value)
             if isinstance(value, str) and value.lower() != "all-linear":
                 _check_pattern(name, value, value, "a string is a regular expression")
-        if self.target_modules == []:
-            _fail("target_modules", [], "name at least one module, give a regex, or 'all-linear'")
+        self._validate_parameters()
+        if self.target_modules == [] and not self.target_parameters:
+            _fail("target_modules", [], "name at least one module, give a regex, or 'all-linear' (or name "
+                                        "parameters in target_parameters)")
         mts = self.modules_to_save
         if mts is not None:
             mts = _as_name_list("modules_to_save", mts)
@@ -229,6 +236,28 @@ class LoraConfig:
             _fail("task_type", self.task_type, f"allowed values are {TASK_TYPES}")
         set_("task_type", task)
         self._validate_peft_fields()
+
+    def _validate_parameters(self) -> None:
+        value = self.target_parameters
+        if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset, type(None))):
+            _fail("target_parameters", value, "must be a list of parameter names, e.g. ['experts.gate_up_proj', "
+                                              "'experts.down_proj'] (a regex string is not supported, as in peft)")
+        value = _as_name_list("target_parameters", value)
+        object.__setattr__(self, "target_parameters", value)
+        if not value:
+            return
+        # A parameter's LoRA changes the weight the module's forward reads: there is no branch input
+        # to drop out, no layout flag to honour, no bias slot and no per-output norm (as in peft).
+        for name, on, why in (
+                ("lora_dropout", self.lora_dropout != 0, "dropout needs a separate LoRA branch input; set it to 0"),
+                ("fan_in_fan_out", self.fan_in_fan_out, "the layout is read from the parameter; set it to False"),
+                ("lora_bias", self.lora_bias, "a parameter has no bias to pair with B; set it to False"),
+                ("use_dora", self.use_dora, "DoRA is not defined on parameters; set it to False"),
+                ("init_lora_weights", self.init_lora_weights in ("pissa", "olora"),
+                 "pissa/olora decompose a module's weight; use True, False or 'gaussian'")):
+            if on:
+                _fail(name, getattr(self, name), f"it does not work with target_parameters (as in peft): {why}, "
+                                                 "or adapt those layers through target_modules")
 
     def _validate_peft_fields(self) -> None:
         for name in _FEATURES_OFF:

@@ -19,6 +19,7 @@ from minilora.layers import (SUPPORTED_TYPES, LoraConv1D, LoraEmbedding, LoraLay
                              LoraMultiheadAttention, lora_layer_class, unsupported_reason)
 from minilora.matching import closest_names, is_target, matches_name, unmatched_targets
 from minilora.modules_to_save import ModulesToSave
+from minilora.params import LoraParams, parameter_problem
 from minilora.patterns import time_budget
 from minilora.trainable_tokens import TrainableTokens, token_host_class
 from minilora.tree import hosts, input_requires_grad, set_active, swap, walk
@@ -91,8 +92,15 @@ class _Tokens:
 
 
 @dataclass
+class _ParamTarget:
+    name: str                                    # the module owning the parameters
+    ranks: dict[str, tuple[int, float, float]]   # parameter -> (r, alpha, scaling)
+
+
+@dataclass
 class _Plan:
     targets: list[_Target]
+    params: list[_ParamTarget]
     save: list[str]                       # modules_to_save names, outermost only
     ties: list[list[str]]                 # groups of save names sharing one weight
     warnings: list[str]
@@ -156,9 +164,10 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
     names = [n for n, _ in modules if n]
     notes: list[str] = []
     targets = config.target_modules
-    if targets is None:
+    if targets is None and not config.target_parameters:
         raise ValueError("LoraConfig.target_modules is None: name the modules to adapt, e.g. "
-                         "targets=['q_proj', 'v_proj'], a regex string, or 'all-linear'")
+                         "targets=['q_proj', 'v_proj'], a regex string, or 'all-linear' (or parameters in "
+                         "target_parameters)")
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _expand_all_linear(model, modules)
         skipped = [n for n in targets if _attention_of(n, modules)]
@@ -171,15 +180,91 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
     if config.task_type == "SEQ_CLS":  # peft's sequence-classification model trains its head too
         save_names += [h for h in _SEQ_CLS_HEADS if h in names and h not in save_names]
     matching = config if save_names == (config.modules_to_save or []) else config.replace(modules_to_save=save_names)
-    chosen = _choose_targets(modules, config, matching, targets, notes)
-    _check_matched(modules, names, config, chosen, notes)
+    chosen = _choose_targets(modules, config, matching, targets, notes) if targets else []
+    if targets:  # None or [] with target_parameters: no module asked for
+        _check_matched(modules, names, config, chosen, notes)
     save = _plan_modules_to_save(modules, names, save_names, config, chosen, notes)
+    params = _choose_parameters(modules, config, state, {t.name for t in chosen}, save, notes)
     # LoRA layers of earlier adapters count too: wrapping one would hide it inside the copy.
     lora_names = {t.name for t in chosen} | {n for n, m in modules if isinstance(m, LoraLayer)}
     ties = _tied_groups(modules, save, lora_names)
     save = [n for group in ties for n in group if n not in save] + save
     tokens = _plan_tokens(model, modules, config, lora_names, save) if config.trainable_token_indices else []
-    return _Plan(chosen, save, ties, notes, tokens)
+    return _Plan(chosen, params, save, ties, notes, tokens)
+
+
+def _choose_parameters(modules: list[tuple[str, nn.Module]], config: LoraConfig, state: LoraState | None,
+                       chosen: set[str], save: list[str], notes: list[str]) -> list[_ParamTarget]:
+    """The parameters ``config.target_parameters`` selects, by owning module, each checked. A name
+    matches ``<module>.<parameter>`` exactly or as a dot-boundary suffix (peft's rule, which ignores
+    exclude_modules and layers_to_transform)."""
+    wanted = config.target_parameters or []
+    if not wanted:
+        return []
+    for other_name, other in (state.configs.items() if state else ()):
+        if other.target_parameters and set(other.target_parameters) != set(wanted):
+            raise ValueError(f"target_parameters={wanted} differs from adapter {other_name!r}'s "
+                             f"{other.target_parameters}: all adapters on parameters must target the same set "
+                             "(as in peft); use the same list, or give this adapter a model of its own")
+    found: dict[str, list[str]] = {}
+    keys = []  # every candidate "<module>.<parameter>", for the hint when nothing matches
+    inner = chosen | {n for n, m in modules if isinstance(m, (LoraLayer, LoraParams, ModulesToSave))}
+    owners: dict[int, list[str]] = {}
+    for name, module in modules:
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
+    for name, module in modules:
+        for pname, param in module._parameters.items():
+            key = f"{name}.{pname}" if name else pname
+            keys.append(key)
+            if param is None or not matches_name(key, wanted):
+                continue
+            _check_parameter(name, module, pname, chosen, save, inner)
+            if len(owners[id(param)]) > 1:  # a merge would change the other owner's weight too
+                raise ValueError(f"target_parameters matches {key}, which is shared with "
+                                 f"{[o for o in owners[id(param)] if o != key]} (tied weights); adapt it through "
+                                 "target_modules, or untie it first")
+            found.setdefault(name, []).append(pname)
+    missing = unmatched_targets([f"{n}.{p}" for n, ps in found.items() for p in ps], wanted)
+    hints = "; ".join(_closest_hint(t, keys) for t in missing)
+    if not found:
+        raise ValueError(f"no parameter matches target_parameters: {hints}")
+    if missing:
+        notes.append(f"target_parameters entries matched no parameter and were skipped: {hints}")
+    out = []
+    for name, pnames in found.items():
+        ranks = {}
+        for pname in pnames:
+            r, alpha = config.rank_and_alpha(f"{name}.{pname}")  # peft looks up patterns by this key
+            ranks[pname] = (r, alpha, config.scaling_for(r, alpha))
+        out.append(_ParamTarget(name, ranks))
+    return out
+
+
+def _check_parameter(name: str, module: nn.Module, pname: str, chosen: set[str], save: list[str],
+                     inner: set[str]) -> None:
+    """Raise when parameter ``pname`` of module ``name`` cannot carry LoRA."""
+    where = f"target_parameters matches {name + '.' if name else ''}{pname}"
+    if not name:
+        raise ValueError(f"{where}, a parameter of the model itself: only parameters of a sub-module can be "
+                         "adapted (as in peft); move it into a sub-module")
+    if isinstance(module, LoraLayer) or name in chosen:
+        raise ValueError(f"{where}, but {name!r} is adapted through target_modules: a module is adapted either "
+                         "as a module or through its parameters; drop it from one of the two")
+    if any(name == s or name.startswith(s + ".") for s in save):
+        raise ValueError(f"{where}, inside modules_to_save module(s) {save}, which are trained in full; "
+                         "drop it from one of the two")
+    below = sorted(n for n in inner if n.startswith(name + "."))
+    if below:
+        raise ValueError(f"{where}, but {below[0]!r} inside {name!r} carries adapters or is a LoRA target; "
+                         "adapt one of the two")
+    if isinstance(module, LoraParams) and pname not in module.targets:
+        raise ValueError(f"{where}, but {name!r} already carries LoRA on {list(module.targets)} from another "
+                         "adapter; all adapters on parameters must target the same set (as in peft)")
+    problem = parameter_problem(module, pname)
+    if problem:
+        raise ValueError(f"{where}, but {problem}")
 
 
 def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, matching: LoraConfig,
@@ -295,7 +380,7 @@ def _plan_modules_to_save(modules, names, save_names, config, chosen, notes) -> 
     for name, module in modules:
         if not name or not matches_name(name, save_names) or any(name.startswith(s + ".") for s in save):
             continue
-        if isinstance(module, LoraLayer) or name in chosen_names:
+        if isinstance(module, (LoraLayer, LoraParams)) or name in chosen_names:
             raise ValueError(f"module {name!r} is both a LoRA target and in modules_to_save; a module is either "
                              "adapted with LoRA or trained in full, not both")
         save.append(name)
@@ -476,6 +561,12 @@ def inject(model: nn.Module, config: LoraConfig | None = None, *, targets: list[
 def _apply(model: nn.Module, plan: _Plan, config: LoraConfig, adapter_name: str) -> None:
     """Build the planned LoRA layers and modules_to_save copies and swap them in, in one walk."""
     swaps: dict[int, nn.Module] = {}
+    for target in plan.params:
+        module = model.get_submodule(target.name)
+        host = module if isinstance(module, LoraParams) else LoraParams(module, tuple(target.ranks))
+        host.add_adapter(adapter_name, target.ranks, config.init_lora_weights)
+        if host is not module:
+            swaps[id(module)] = host
     for target in plan.targets:
         module = model.get_submodule(target.name)
         layer = module if isinstance(module, LoraLayer) else target.layer_cls(module)
@@ -549,15 +640,17 @@ def update_trainable(model: nn.Module) -> None:
 
 
 def find_targets(model: nn.Module, config: LoraConfig | None = None, **fields: Any) -> list[str]:
-    """The module names ``inject`` would put LoRA on (a dry run; raises as inject would)."""
+    """The module names ``inject`` would put LoRA on, then the ``<module>.<parameter>`` names of
+    target_parameters (a dry run; raises as inject would)."""
     config = _resolve_config(config, fields.pop("targets", None), fields)
     with time_budget():
-        return [t.name for t in _plan(model, config, "__dry_run__").targets]
+        plan = _plan(model, config, "__dry_run__")
+    return [t.name for t in plan.targets] + [f"{t.name}.{p}" for t in plan.params for p in t.ranks]
 
 
 def adapted_modules(model: nn.Module) -> list[str]:
-    """Names of the modules that carry LoRA, in model order."""
-    return [n for n, _ in lora_layers(model)]
+    """Names of the modules that carry LoRA (on the module or on its parameters), in model order."""
+    return [n for n, m in walk(model) if isinstance(m, (LoraLayer, LoraParams))]
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from minilora.config import LoraConfig
 
 __all__ = ["LoraAdapter", "LoraLayer", "LoraLinear", "LoraConv1D", "LoraEmbedding", "LoraConv",
-           "LoraMultiheadAttention", "lora_layer_class", "unsupported_reason", "merge_dtype", "SUPPORTED_TYPES"]
+           "LoraMultiheadAttention", "lora_layer_class", "unsupported_reason", "merge_dtype", "init_adapter",
+           "SUPPORTED_TYPES"]
 
 SUPPORTED_TYPES = ("nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, "
                    "nn.MultiheadAttention, bitsandbytes Linear4bit and Linear8bitLt")
@@ -387,6 +388,11 @@ class LoraLayer(AdapterHost):
             if adapter.lora_bias is not None:
                 bias = (bias + adapter.scaling * adapter.lora_bias.detach()).to(self.bias.dtype)
         return weight, bias
+
+    def merged_tensors(self, names: list[str]) -> dict[str, torch.Tensor | None]:
+        """``merged_weights`` by tensor name, as every merging host gives it (merge's safe check)."""
+        weight, bias = self.merged_weights(names)
+        return {"weight": weight, "bias": bias}
 
     def unmerged_weight(self) -> torch.Tensor:
         """The weight without the merged adapters: the kept original, or (as peft) the current
@@ -900,6 +906,14 @@ _INIT: dict[bool | str, Callable[[LoraLayer, LoraAdapter], None]] = {
     True: _init_default, "gaussian": functools.partial(_init_default, gaussian=True), False: _init_random,
     "pissa": _init_pissa, "olora": _init_olora,
 }
+
+
+def init_adapter(adapter: LoraAdapter, init: bool | str) -> None:
+    """Initialise the factors of an adapter shaped like a linear layer's (A the large factor) by
+    scheme ``init``: True, "gaussian" or False; the schemes that read a base weight need a layer."""
+    if init in ("pissa", "olora"):
+        raise ValueError(f"init_lora_weights={init!r} decomposes a layer's weight; init_adapter has none")
+    _INIT[init if isinstance(init, str) else bool(init)](LoraLinear, adapter)  # reads init_on_A only
 
 
 # ---------------------------------------------------------------- which layer for which module

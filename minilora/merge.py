@@ -9,8 +9,9 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from minilora.inject import Untied, lora_layers, lora_state, require_state, unload
+from minilora.inject import Untied, lora_state, require_state, unload
 from minilora.layers import LoraLayer
+from minilora.params import param_hosts
 from minilora.trainable_tokens import token_hosts
 from minilora.tree import hosts, walk
 
@@ -26,10 +27,10 @@ def _names(model: nn.Module, adapter_names: Sequence[str] | str | None, what: st
 
 
 def mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, host) for every host whose adapters merge into a weight: LoRA layers and
-    trainable-token hosts (both have ``merged``, ``merge_problem``, ``merged_weights``, ``merge``
-    and ``unmerge``)."""
-    return [*lora_layers(model), *token_hosts(model)]
+    """(name, host) for every host whose adapters merge into a weight: LoRA layers, LoRA on
+    parameters and trainable-token hosts (all have ``merged``, ``merge_problem``, ``merge`` and
+    ``unmerge``)."""
+    return [*lora_layers(model), *param_hosts(model), *token_hosts(model)]
 
 
 def _untie_shared(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
@@ -94,9 +95,8 @@ def merge(model: nn.Module, safe: bool = False, keep_original: bool = False,
         if problem:
             raise ValueError(f"cannot merge into {name!r}: {problem}; nothing was merged")
         if safe:
-            weight, bias = layer.merged_weights(todo)
-            bad = [t for t, tensor in (("weight", weight), ("bias", bias)) if tensor is not None
-                       and not torch.isfinite(tensor).all()]
+            bad = [t for t, tensor in layer.merged_tensors(todo).items() if tensor is not None
+                   and not torch.isfinite(tensor).all()]
             if bad:
                 raise ValueError(f"merging {todo} into {name!r} gives non-finite values in its {bad[0]}; "
                                  "nothing was merged (the adapter weights are probably broken)")

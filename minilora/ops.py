@@ -33,9 +33,9 @@ if TYPE_CHECKING:
     from minilora.rows import RowSlots
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_branch", "backend_for", "set_backend", "merge_dtype",
-           "lora_delta", "param_delta", "expert_factors", "grouped_merge_problem", "row_blocks", "dora_norm",
-           "dora_dot_chunk", "dora_merge_norm", "dora_linear", "StackedLora", "stack_lora", "multi_lora_reference",
-           "multi_lora_add", "backend_for_rows"]
+           "lora_delta", "param_delta", "param_weight", "expert_factors", "grouped_merge_problem", "row_blocks",
+           "dora_norm", "dora_dot_chunk", "dora_merge_norm", "dora_linear", "StackedLora", "stack_lora",
+           "multi_lora_reference", "multi_lora_add", "backend_for_rows"]
 
 _BACKENDS = ("auto", "torch", "triton")
 # Read once: torch.compile bakes an os.environ lookup into the graph without a guard, so a later
@@ -328,6 +328,35 @@ def param_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.d
 def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of each expert's factors: A (E·r, in) -> (E, r, in); B (out, E·r) -> (E, out, r)."""
     return A.unflatten(0, (experts, -1)), B.unflatten(1, (-1, experts)).permute(2, 0, 1)
+
+
+def param_weight(weight: torch.Tensor, adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float]], *,
+                 transposed: bool = False) -> torch.Tensor:
+    """The adapted parameter W + Σ s·B_e @ A_e that a module's forward reads in place of W, with
+    autograd to the factors: one ``addmm`` (2-D) or ``baddbmm`` over all experts (3-D) per adapter,
+    no loop over experts. Computed in the wider of W's and the factors' dtypes (fp32 factors over a
+    bf16 W: fp32) and rounded once to W's dtype; autocast off, as the module expects W's dtype.
+
+    Args:
+        weight: (out, in), or (E, out, in) / (E, in, out) when ``transposed``, as ``param_delta``.
+        adapters: (A, B, scaling) per adapter, factors shaped as in ``param_delta``.
+    Returns:
+        ``weight``'s shape and dtype.
+    """
+    dtype = torch.promote_types(weight.dtype, adapters[0][0].dtype)
+    with torch.autocast(weight.device.type, enabled=False):
+        out = weight.to(dtype)
+        for A, B, scaling in adapters:
+            A, B = A.to(dtype), B.to(dtype)
+            if weight.dim() == 2:
+                out = torch.addmm(out, B, A, alpha=scaling)
+                continue
+            A3, B3 = expert_factors(A, B, weight.shape[0])
+            if transposed:
+                out = torch.baddbmm(out, A3.transpose(1, 2), B3.transpose(1, 2), alpha=scaling)
+            else:
+                out = torch.baddbmm(out, B3, A3, alpha=scaling)
+        return out.to(weight.dtype)
 
 
 def grouped_merge_problem(groups: int) -> str | None:

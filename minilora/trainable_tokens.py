@@ -151,6 +151,10 @@ class TrainableTokens(AdapterHost):
             weight = weight.index_copy(0, rows.indices, rows.delta.detach().to(weight.dtype))
         return weight, None
 
+    def merged_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``merged_weights`` by tensor name, as every merging host gives it (merge's safe check)."""
+        return {"weight": self.merged_weights(names)[0]}
+
     def merge(self, names: list[str], keep_original: bool = False) -> None:
         """Write the rows of ``names`` into the weight, keeping the rows they replace: unmerge is
         always exact (``keep_original`` changes nothing here). A follower writes nothing."""
