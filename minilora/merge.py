@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from minilora.inject import Untied, lora_state, require_state, unload
+from minilora.inject import Untied, lora_layers, lora_state, require_state, unload
 from minilora.layers import LoraLayer
 from minilora.params import param_hosts
 from minilora.trainable_tokens import token_hosts

@@ -501,8 +501,8 @@ class _Merger:
 
     def _expert_part_blocks(self, key: str) -> Iterator[torch.Tensor]:
         """``blocks`` for one expert's part of a stack stored per expert: the rows ``rows`` of
-        delta[expert], by ``lora_delta`` on that expert's factors (``param_delta``'s per-expert
-        product, row by row: the same bits)."""
+        delta[expert], by ``lora_delta`` on that expert's factors, as ``param_delta`` computes each
+        expert, one block of rows at a time (the same bits: see ``row_blocks``)."""
         param, expert, rows = self.facts.experts[key]
         m, entry = self.by_weight[param], self.ck_tensors[key]
         dtype = entry.torch_dtype

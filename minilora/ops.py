@@ -304,6 +304,7 @@ def param_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.d
     gives each expert e its own rank-r pair, held in two matrices: expert e's A_e is rows
     e·r .. e·r+r-1 of A, and its B_e is the columns e, E+e, 2E+e, ... of B (B's columns run
     rank-major). Then delta[e] = s·B_e @ A_e, stored (out, in), or (in, out) when ``transposed``.
+    Merging only (a loop over experts); the forward uses ``param_weight``.
 
     Args:
         A: (r, in) for 2-D; (E·r, in) for 3-D.
@@ -318,11 +319,12 @@ def param_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.d
         return lora_delta(A, B, scaling, dtype, rows=rows)
     if len(shape) != 3:
         raise ValueError(f"LoRA on a parameter needs a 2-D or 3-D one, got shape {tuple(shape)}")
-    A3, B3 = expert_factors(A.to(dtype), B.to(dtype), shape[0])
-    A3, B3 = A3[rows], B3[rows]
-    if transposed:
-        return torch.bmm(A3.transpose(1, 2), B3.transpose(1, 2)).mul_(scaling)  # (e, in, out)
-    return torch.bmm(B3, A3).mul_(scaling)  # (e, out, in)
+    # One expert at a time, each by ``lora_delta``: the offline merge computes an expert stored as
+    # separate tensors in blocks of its rows with the same call, and a batched product over several
+    # experts need not give the same bits as one expert's (measured: it does not, for some shapes).
+    A3, B3 = expert_factors(A, B, shape[0])
+    experts = range(shape[0])[rows]
+    return torch.stack([lora_delta(A3[e], B3[e], scaling, dtype, transposed=transposed) for e in experts])
 
 
 def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:

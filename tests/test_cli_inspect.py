@@ -136,3 +136,22 @@ def test_moe_expert_parameters_listed(tmp_path, capsys):
     assert "model.layers.{0..2}.mlp.experts.down_proj 4 experts x (16, 24) x3" in listed, out
     # weights of adaptable modules (q_proj, the embedding) and 1-D norms are not parameter targets
     assert not any("q_proj" in line or "norm" in line or "embed" in line for line in listed), out
+
+
+def test_target_parameters_selected_and_counted(tmp_path, capsys):
+    """--target-parameters: the stacks it selects, and E·r·(in + out) trainable per stack."""
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4)
+    folder = write_config(tmp_path, config, "MixtralForCausalLM")
+    out = inspect_cli(capsys, folder, "--targets", "q_proj", "--target-parameters", "experts.gate_up_proj",
+                      "experts.down_proj", "--r", "2")
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert "targets ['q_proj'] select 3 modules:" in lines, out
+    assert "target_parameters ['experts.gate_up_proj', 'experts.down_proj'] select 6 parameters:" in lines, out
+    start = lines.index("target_parameters ['experts.gate_up_proj', 'experts.down_proj'] select 6 parameters:")
+    assert lines[start + 1:start + 3] == ["model.layers.{0..2}.mlp.experts.gate_up_proj 4 experts x (48, 16) x3",
+                                          "model.layers.{0..2}.mlp.experts.down_proj 4 experts x (16, 24) x3"], out
+    per_layer = 2 * (16 + 16) + 4 * 2 * (16 + 48) + 4 * 2 * (24 + 16)  # q_proj, gate_up_proj, down_proj
+    assert trainable_line(out)[0] == 3 * per_layer
+    out = inspect_cli(capsys, folder, "--target-parameters", "experts.down_proj", "--r", "4")
+    assert "select 3 modules" not in out and trainable_line(out)[0] == 3 * 4 * 4 * (24 + 16)

@@ -174,3 +174,48 @@ def test_offline_merge_refuses_token_rows_against_their_config(tmp_path, change,
     with pytest.raises(ValueError, match=words):
         merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- LoRA on parameters (target_parameters)
+def _moe(family: str):
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                 num_experts_per_tok=2)
+    if family == "mixtral":  # checkpoint: one tensor per expert (w1, w3 concatenated on load; w2)
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(intermediate_size=24, num_local_experts=4,
+                                                                          **small))
+    if family == "qwen3_moe":  # one tensor per expert (gate_proj, up_proj; down_proj)
+        return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            intermediate_size=24, moe_intermediate_size=12, num_experts=4, head_dim=8, **small))
+    return transformers.GptOssForCausalLM(transformers.GptOssConfig(  # the fused stacks, (experts, in, out)
+        intermediate_size=24, num_local_experts=4, head_dim=8, **small))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_offline_merge_of_expert_stacks_is_bit_identical(tmp_path, family, dtype):
+    """However the checkpoint stores the stacks, the merged checkpoint loads into the stacks
+    merge_and_unload gives: each expert's rows come from the same per-expert product."""
+    torch.manual_seed(0)
+    model = _moe(family).to(dtype)
+    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    stacks = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    minilora.inject(model, target_modules=["q_proj"], target_parameters=stacks, r=2, lora_alpha=5,
+                    rank_pattern={"layers.1.mlp.experts.down_proj": 3})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.3)
+    minilora.save_adapter(model, tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    got = type(model).from_pretrained(tmp_path / "out", dtype=dtype).state_dict()
+    want = minilora.merge_and_unload(model).state_dict()
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    for layer in range(2):
+        for stack in stacks:
+            key = f"model.layers.{layer}.{stack}"
+            assert not torch.equal(got[key], base[key]), key

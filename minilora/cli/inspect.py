@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", nargs="+", metavar="NAME",
                         help="target_modules as a list (exact names or dot-boundary suffixes), or all-linear")
     parser.add_argument("--targets-regex", metavar="PATTERN", help="target_modules as a regex (re.fullmatch)")
+    parser.add_argument("--target-parameters", nargs="+", metavar="NAME",
+                        help="target_parameters: parameters to adapt, e.g. mlp.experts.gate_up_proj (MoE experts)")
     parser.add_argument("--modules-to-save", nargs="+", metavar="NAME", help="modules trained in full")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank for the parameter count (default 8)")
 
@@ -52,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
     if parameters:
         print("parameters LoRA can adapt (target_parameters; a 3-D one gets an update per expert):")
         _print_groups(group_names(parameters))
-    targets = _targets(args.targets, args.targets_regex)
-    if targets is None and not args.modules_to_save:
+    targets, params = _targets(args.targets, args.targets_regex), args.target_parameters
+    if targets is None and not args.modules_to_save and not params:
         print("\n(--targets q_proj v_proj ... shows what a spec selects and the parameter count)")
         return 0
-    config = LoraConfig(target_modules=targets, r=args.r, modules_to_save=args.modules_to_save)
+    config = LoraConfig(target_modules=[] if targets is None and params else targets, target_parameters=params,
+                        r=args.r, modules_to_save=args.modules_to_save)
     names = [n for n, _ in model.named_modules() if n]
     missing = unmatched_targets(names, targets) if isinstance(targets, list) else []
     for entry in missing:
@@ -66,8 +69,14 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         chosen = find_targets(model, config)  # raises, naming the closest names, if nothing matches
         inject(model, config)
-    print(f"\ntargets {targets!r} select {len(chosen)} modules:")
-    _print_groups(group_names({n: described[n] for n in chosen}))
+    if targets is not None or not params:
+        modules = [n for n in chosen if n in described]
+        print(f"\ntargets {targets!r} select {len(modules)} modules:")
+        _print_groups(group_names({n: described[n] for n in modules}))
+    if params:  # find_targets names them "<module>.<parameter>", after the modules
+        chosen_params = {n: parameters.get(n, "Parameter") for n in chosen if n not in described}
+        print(f"\ntarget_parameters {params!r} select {len(chosen_params)} parameters:")
+        _print_groups(group_names(chosen_params))
     trainable, total = trainable_parameters(model)
     print(f"\nr={args.r}: {trainable:,d} trainable parameters of {total:,d} ({100 * trainable / max(total, 1):.4f}%)"
           + (f", modules_to_save {args.modules_to_save} included" if args.modules_to_save else ""))
