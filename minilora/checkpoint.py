@@ -29,7 +29,8 @@ from minilora.params import LoraParams, param_hosts
 from minilora.patterns import PatternError, time_budget
 from minilora.trainable_tokens import TrainableTokens
 from minilora.tree import AdapterHost, walk
-from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, TOKEN_KEY, WEIGHTS_NAME,
+from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, TOKEN_KEY,
+                                  WEIGHTS_NAME,
                                   AdapterFileError, check_digest, check_tensor, config_digest, param_module_key,
                                   read_config_file,
                                   read_header, read_tensor, safetensors_bytes)

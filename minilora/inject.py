@@ -173,9 +173,9 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> _Plan:
         skipped = [n for n in targets if _attention_of(n, modules)]
         if skipped:
             targets = [n for n in targets if n not in skipped]
-            notes.append(f"'all-linear' leaves out {skipped}: the out_proj of an nn.MultiheadAttention is never called, "
-                         "so LoRA there would do nothing (peft adds one anyway); target the attention module itself "
-                         f"(e.g. {_attention_of(skipped[0], modules)!r}) to adapt it")
+            notes.append(f"'all-linear' leaves out {skipped}: the out_proj of an nn.MultiheadAttention is never "
+                         "called, so LoRA there would do nothing (peft adds one anyway); target the attention module "
+                         f"itself (e.g. {_attention_of(skipped[0], modules)!r}) to adapt it")
     save_names = list(config.modules_to_save or [])
     if config.task_type == "SEQ_CLS":  # peft's sequence-classification model trains its head too
         save_names += [h for h in _SEQ_CLS_HEADS if h in names and h not in save_names]
@@ -423,11 +423,12 @@ def _input_embedding_name(model: nn.Module, modules: list[tuple[str, nn.Module]]
         embedding = getter() if callable(getter) else None
     except NotImplementedError:
         embedding = None
-    found = [n for n, m in modules if n and (m is embedding if embedding is not None else matches_name(n, ["embed_tokens"]))]
+    found = [n for n, m in modules
+             if n and (m is embedding if embedding is not None else matches_name(n, ["embed_tokens"]))]
     if len(found) != 1:
         raise ValueError("trainable_token_indices is a list, which trains the model's input embedding, but this model "
-                         f"has {'no' if not found else len(found)} input embedding(s) (get_input_embeddings(), or a module "
-                         "named embed_tokens); give {module name: [token ids]} instead")
+                         f"has {'no' if not found else len(found)} input embedding(s) (get_input_embeddings(), or a "
+                         "module named embed_tokens); give {module name: [token ids]} instead")
     return found[0]
 
 

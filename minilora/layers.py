@@ -954,7 +954,8 @@ def lora_layer_class(module: nn.Module) -> type[LoraLayer] | None:
     # A model holding a Conv1D has imported transformers already; never import it just to look.
     conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", ())
     for types, cls in ((nn.Linear, LoraLinear), (nn.Embedding, LoraEmbedding),
-                       (nn.MultiheadAttention, LoraMultiheadAttention), ((nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv), (conv1d, LoraConv1D)):
+                       (nn.MultiheadAttention, LoraMultiheadAttention), ((nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv),
+                       (conv1d, LoraConv1D)):
         if isinstance(module, types):
             return cls
     return None

@@ -323,23 +323,28 @@ def _check_parts(m: AdapterModule, facts: _Facts, ck_tensors: dict[str, TensorEn
                              f"{m.name!r} {list(shape)} it must be {list(want)}")
 
 
+def _weight_shape(m: AdapterModule, ck_tensors: dict[str, TensorEntry], tied_to: dict[str, str], facts: _Facts,
+                  base: Path) -> tuple[int, ...]:
+    """The shape of the tensor a module's delta goes into, stored whole or (a stack) per expert."""
+    entry = _stored(ck_tensors, tied_to, m.weight_key)
+    if entry is not None:
+        return tuple(entry.shape)
+    if ".base_layer." in m.name or m.name + ".in_proj_weight" in ck_tensors:
+        attention = m.name.split(".base_layer.")[0]
+        raise ValueError(f"LoRA module {m.name!r} is part of LoRA on the nn.MultiheadAttention {attention!r} "
+                         "(its in_proj_weight and out_proj), which minilora merge does not merge; load the model, "
+                         "minilora.load_adapter, minilora.merge_and_unload, then save it")
+    if m.name not in facts.parts:
+        raise _not_found(m.weight_key, f"LoRA module {m.name!r}", ck_tensors, base)
+    _check_parts(m, facts, ck_tensors)
+    return facts.shapes[m.name]
+
+
 def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, config, base, adapter) -> None:
     """Check every adapter tensor against the checkpoint before anything is written."""
     conv1d = facts.conv1d
     for m in modules.values():
-        entry = _stored(ck_tensors, tied_to, m.weight_key)
-        if entry is None and (".base_layer." in m.name or m.name + ".in_proj_weight" in ck_tensors):
-            attention = m.name.split(".base_layer.")[0]
-            raise ValueError(f"LoRA module {m.name!r} is part of LoRA on the nn.MultiheadAttention {attention!r} "
-                             "(its in_proj_weight and out_proj), which minilora merge does not merge; load the model, "
-                             "minilora.load_adapter, minilora.merge_and_unload, then save it")
-        if entry is None and m.name in facts.parts:
-            _check_parts(m, facts, ck_tensors)
-            W = facts.shapes[m.name]
-        elif entry is None:
-            raise _not_found(m.weight_key, f"LoRA module {m.name!r}", ck_tensors, base)
-        else:
-            W = tuple(entry.shape)
+        W = _weight_shape(m, ck_tensors, tied_to, facts, base)
         A, B = tuple(ad_tensors[m.lora_A].shape), tuple(ad_tensors[m.lora_B].shape)
         if m.parameter:
             _check_parameter(m, A, B, W, config, adapter)

@@ -70,7 +70,8 @@ class RowSlots:
 
         return cls(tensor(slots), tensor(present, identity=list(range(len(slots)))),
                    tensor([slots[i] for i in present]), chunk,
-                   tensor(chunk_rows, identity=list(range(len(slots)))), tensor(chunk_slots, identity=list(range(n_slots))),
+                   tensor(chunk_rows, identity=list(range(len(slots)))),
+                   tensor(chunk_slots, identity=list(range(n_slots))),
                    tensor(pos, identity=list(range(len(present)))),
                    tensor([i for slot in order for i in groups[slot]], torch.int32),
                    tensor(order, torch.int32), tensor(starts, torch.int32),
