@@ -267,7 +267,7 @@ def reference_delta(adapter, shape, transposed: bool) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- bf16
-@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_bf16_matches_peft(kind):
     """One decoder layer, so the router's input carries no adapter and both models pick the same
     experts (a top-k choice would amplify one bf16 rounding into a different expert). Factors of
