@@ -12,7 +12,7 @@ import torch
 import minilora
 from minilora.inject import lora_layers, lora_state
 from tiny_models import (assert_unchanged, build, copy_adapter_to_peft, example_inputs, output_of, randomize_adapters,
-                         snapshot)
+                         snapshot, with_adapter)
 
 peft = pytest.importorskip("peft")
 
@@ -302,15 +302,7 @@ def test_weighted_refuses_two_copies_of_one_modules_to_save():
 # ---------------------------------------------------------------- per-row adapters
 def _row_reference(model, inputs, name):
     """The model output for every row with one adapter (or none), by switching the whole model."""
-    if name == "__base__":
-        with minilora.disable_adapters(model):
-            return _out(model, inputs)
-    active = lora_state(model).active
-    minilora.set_adapter(model, name)
-    try:
-        return _out(model, inputs)
-    finally:
-        minilora.set_adapter(model, active)
+    return with_adapter(model, name, lambda: _out(model, inputs))
 
 
 @pytest.mark.parametrize("kind", ["llama", "embed_conv1d"])

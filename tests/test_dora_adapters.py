@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import minilora
-from minilora.inject import lora_layers, lora_state
-from tiny_models import assert_unchanged, build, example_inputs, output_of, randomize_adapters, snapshot
+from minilora.inject import lora_layers
+from tiny_models import assert_unchanged, build, example_inputs, output_of, randomize_adapters, snapshot, with_adapter
 
 FP64_TOL = 1e-10
 pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out=False does not fit")
@@ -50,15 +50,7 @@ def _model(kind: str, dora_b: bool = True):
 
 
 def _reference(model, inputs, name):
-    if name == "__base__":
-        with minilora.disable_adapters(model):
-            return _out(model, inputs)
-    active = lora_state(model).active
-    minilora.set_adapter(model, name)
-    try:
-        return _out(model, inputs)
-    finally:
-        minilora.set_adapter(model, active)
+    return with_adapter(model, name, lambda: _out(model, inputs))
 
 
 @pytest.mark.parametrize("dora_b", [True, False], ids=["dora+dora", "dora+lora"])

@@ -16,9 +16,9 @@ import torch.nn as nn
 
 import minilora
 from minilora import ops
-from minilora.inject import lora_layers, lora_state
+from minilora.inject import lora_layers
 from minilora.layers import LoraLinear
-from tiny_models import build, example_inputs, output_of, randomize_adapters
+from tiny_models import build, example_inputs, output_of, randomize_adapters, with_adapter
 
 FP64_TOL = 1e-10
 U32 = 2.0**-24  # float32 unit roundoff
@@ -37,15 +37,7 @@ def _out(model, inputs):
 
 def _row_reference(model, inputs, name):
     """The output with one adapter (or none) for the whole model, by switching it."""
-    if name == "__base__":
-        with minilora.disable_adapters(model):
-            return _out(model, inputs)
-    active = lora_state(model).active
-    minilora.set_adapter(model, name)
-    try:
-        return _out(model, inputs)
-    finally:
-        minilora.set_adapter(model, active)
+    return with_adapter(model, name, lambda: _out(model, inputs))
 
 
 def _mixed(model, inputs, names):

@@ -11,7 +11,8 @@ import os
 import torch
 import torch.nn as nn
 
-from minilora.inject import lora_layers
+import minilora
+from minilora.inject import lora_layers, lora_state
 from minilora.modules_to_save import ModulesToSave
 
 LLAMA_TARGETS = ["k_proj", "q_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
@@ -131,6 +132,20 @@ def output_of(result):
         if getattr(result, key, None) is not None:
             return getattr(result, key)
     raise TypeError(f"no tensor output in {type(result)}")
+
+
+def with_adapter(model: nn.Module, name: str, run):
+    """``run()`` with adapter ``name`` alone active for the whole model (``"__base__"``: none), then
+    the active adapters as they were: the reference a mixed batch's row ``name`` must give."""
+    if name == "__base__":
+        with minilora.disable_adapters(model):
+            return run()
+    active = lora_state(model).active
+    minilora.set_adapter(model, name)
+    try:
+        return run()
+    finally:
+        minilora.set_adapter(model, active)
 
 
 def randomize_adapters(model: nn.Module, seed: int = 3) -> None:
