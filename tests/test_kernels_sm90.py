@@ -84,6 +84,28 @@ def _used_ms(variant, lm):
     return list(lm.CONFIG_MS)
 
 
+
+def _signature(fn, spec: dict, constexprs: dict, dtype: str, unaligned: tuple[str, ...]) -> tuple[dict, dict]:
+    """A jit kernel's compile signature as the launcher would bind it: constexprs (unset unit ones
+    as 1), pointers to ``dtype`` (kind "c") or their own type, fp32 scalars ``scale`` / ``p``, i32
+    sizes and strides, all 16-divisible but ``unaligned``. Fills ``constexprs`` in place."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs or name in spec["unit"]:
+            signature[name] = "constexpr"
+            constexprs.setdefault(name, 1)
+        elif name in spec["ptrs"]:
+            kind = spec["ptrs"][name]
+            signature[name] = "*" + (dtype if kind == "c" else kind)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("scale", "p"):
+            signature[name] = "fp32"
+        else:  # sizes and strides
+            signature[name] = "i32"
+            if name not in unaligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
 def compile_variant(variant: str, dtype: str, dropout: bool) -> list[dict]:
     """Compile one kernel variant for every (M bucket, padded rank); one result dict each."""
     import triton
@@ -115,21 +137,7 @@ def compile_variant(variant: str, dtype: str, dropout: bool) -> list[dict]:
             if spec["kernel"] == "_seeded_gemm_kernel":
                 tiles["BLOCK_R"] = lm.seed_rank_block(block_r)
             constexprs.update({k: v for k, v in tiles.items() if k in fn.arg_names})
-            signature, attrs = {}, {}
-            for i, name in enumerate(fn.arg_names):
-                if name in constexprs or name in spec["unit"]:
-                    signature[name] = "constexpr"
-                    constexprs.setdefault(name, 1)
-                elif name in spec["ptrs"]:
-                    kind = spec["ptrs"][name]
-                    signature[name] = "*" + (dtype if kind == "c" else kind)
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-                elif name in ("scale", "p"):
-                    signature[name] = "fp32"
-                else:  # sizes and strides
-                    signature[name] = "i32"
-                    if name != "M":
-                        attrs[(i,)] = [["tt.divisibility", 16]]
+            signature, attrs = _signature(fn, spec, constexprs, dtype, unaligned=("M",))
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=target, options=dict(
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -254,19 +262,7 @@ def compile_multi_variant(variant: str, dtype: str) -> list[dict]:
         if decode:
             constexprs["T"] = 1
         constexprs["BLOCK_K" if variant == "multi_shrink" else "BLOCK_N"] = cfg.block_kn
-        signature, attrs = {}, {}
-        for i, name in enumerate(fn.arg_names):
-            if name in constexprs or name in spec["unit"]:
-                signature[name] = "constexpr"
-                constexprs.setdefault(name, 1)
-            elif name in spec["ptrs"]:
-                kind = spec["ptrs"][name]
-                signature[name] = "*" + (dtype if kind == "c" else kind)
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            else:  # sizes and strides
-                signature[name] = "i32"
-                if name not in _UNALIGNED:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
+        signature, attrs = _signature(fn, spec, constexprs, dtype, unaligned=_UNALIGNED)
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages))
