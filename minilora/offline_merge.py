@@ -39,6 +39,7 @@ from minilora.matching import closest_names, matches_name
 from minilora.model_config import CONFIG_FILE, NotBuildable, expert_sources, meta_model
 from minilora.ops import (dora_merge_norm, expert_factors, grouped_merge_problem, lora_delta, merge_dtype, param_delta,
                           row_blocks)
+from minilora.params import factor_shapes, stack_transposed
 from minilora.patterns import PatternError, time_budget
 from minilora.peft_format import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, AdapterFileError, AdapterModule,
                                   TensorEntry, adapter_modules, check_digest, check_finite, check_tensor,
@@ -234,7 +235,7 @@ def _model_facts(base: Path, target_parameters: list[str] | tuple[()] = (),
             # The adapter may name the backbone alone (its first component dropped): both spellings.
             for module_name in {name, name.partition(".")[2] or name}:
                 facts.parameters[param_module_key(module_name, index, len(chosen))] = f"{module_name}.{param}"
-                if getattr(module, "is_transposed", False) and module._parameters[param].dim() == 3:
+                if stack_transposed(module._parameters[param], module):
                     facts.transposed.add(f"{module_name}.{param}")
     if facts.shapes and ck_shapes is not None:
         facts.experts = expert_sources(model, ck_shapes, set(facts.shapes) - set(ck_shapes))
@@ -295,11 +296,12 @@ def _check_parameter(m: AdapterModule, A: tuple[int, ...], B: tuple[int, ...], W
                      config: LoraConfig, adapter: Path) -> None:
     """A LoRA on a parameter: 2-D (out, in) takes A (r, in), B (out, r); a stack of E experts
     (E, out, in), or (E, in, out) when transposed, takes A (E·r, in), B (out, E·r)."""
+    if len(W) not in (2, 3):
+        raise ValueError(f"adapter does not fit the checkpoint: parameter {m.name!r} has shape {list(W)}; LoRA on "
+                         "a parameter needs a 2-D (out, in) or 3-D (experts, ...) one")
     r = config.rank_and_alpha(m.name)[0]
-    experts = W[0] if len(W) == 3 else 1
-    out_in = (W[2], W[1]) if m.transposed else W[-2:]
-    want = ((experts * r, out_in[1]), (out_in[0], experts * r))
-    if len(W) not in (2, 3) or (A, B) != want:
+    want = factor_shapes(W, r, m.transposed)
+    if (A, B) != want:
         raise ValueError(f"adapter does not fit the checkpoint: parameter {m.name!r} has shape {list(W)}, which "
                          f"takes lora_A {list(want[0])} and lora_B {list(want[1])} at rank {r}, but the adapter "
                          f"has {list(A)} and {list(B)} (in {adapter / WEIGHTS_NAME}); was it trained on another "
@@ -405,7 +407,7 @@ def _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied
     write: the module's own and, as the in-memory merge writes the one shared Parameter, every
     name tied to it."""
     strip, add = renamed or ("", "")
-    lora = {m.name + ".weight" for m in modules.values()}
+    lora = {m.weight_key for m in modules.values()}
     out: dict[str, tuple[str, list[int]]] = {}
     for name, (ad_key, ids) in tokens.items():
         key = (add + name[len(strip):] if name.startswith(strip) else name) + ".weight"
@@ -459,6 +461,7 @@ class _Merger:
         self.ad_tensors, self.ck_tensors, self.tied_to, self.facts = ad_tensors, ck_tensors, tied_to, facts
         self.replace, self.rows = replace, rows
         self.by_weight = {m.weight_key: m for m in modules.values()}
+        self._experts_of: str | None = None  # the parameter whose factors _experts holds
         self.by_bias = {m.name + ".bias": m for m in modules.values() if m.lora_bias is not None}
 
     def _adapter(self, key: str) -> torch.Tensor:
@@ -511,13 +514,22 @@ class _Merger:
         param, expert, rows = self.facts.experts[key]
         m, entry = self.by_weight[param], self.ck_tensors[key]
         dtype = entry.torch_dtype
-        A3, B3 = expert_factors(self._adapter(m.lora_A), self._adapter(m.lora_B), self.facts.shapes[param][0])
+        A3, B3 = self._expert_factors(param, m)
         for block in row_blocks(entry.shape):
             base = read_tensor(entry, block).to(dtype)
             inner = slice(rows.start + block.start, rows.start + block.stop)
             t = lora_delta(A3[expert], B3[expert], m.scaling, merge_dtype(dtype), rows=inner).add_(base).to(dtype)
             _check_merged(key, base, t)
             yield t
+
+    def _expert_factors(self, param: str, m: AdapterModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert's (A_e, B_e) of ``param``, read once for the run of its parts (the writer
+        goes through a shard's keys in order, so one stack's parts come together)."""
+        if self._experts_of != param:
+            experts = self.facts.shapes[param][0]
+            self._experts = expert_factors(self._adapter(m.lora_A), self._adapter(m.lora_B), experts)
+            self._experts_of = param
+        return self._experts
 
     def _token_rows(self, key: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(token ids (k,), their rows (k, dim) rounded to ``dtype``) written into ``key``, or None."""

@@ -26,7 +26,7 @@ from minilora.layers import LoraAdapter, init_adapter
 from minilora.ops import merge_dtype
 from minilora.tree import AdapterHost, walk
 
-__all__ = ["LoraParams", "param_hosts", "parameter_problem", "factor_shapes"]
+__all__ = ["LoraParams", "param_hosts", "parameter_problem", "factor_shapes", "stack_transposed"]
 
 
 def parameter_problem(module: nn.Module, name: str) -> str | None:
@@ -39,6 +39,12 @@ def parameter_problem(module: nn.Module, name: str) -> str | None:
     if not param.is_floating_point():
         return f"it is a {param.dtype} tensor, not a floating-point one"
     return None
+
+
+def stack_transposed(param: torch.Tensor, owner: nn.Module) -> bool:
+    """Whether ``param`` of module ``owner`` is an expert stack stored (experts, in, out): the
+    module says so with transformers' ``is_transposed`` (GPT-OSS), as peft reads it."""
+    return param.dim() == 3 and bool(getattr(owner, "is_transposed", False))
 
 
 def factor_shapes(shape: tuple[int, ...], r: int,
@@ -83,7 +89,7 @@ class LoraParams(AdapterHost):
     # ------------------------------------------------------------ layout
     def transposed(self, name: str) -> bool:
         """Whether parameter ``name`` is an expert stack stored (experts, in, out)."""
-        return self._parameters[name].dim() == 3 and bool(getattr(self.base_layer, "is_transposed", False))
+        return stack_transposed(self._parameters[name], self.base_layer)
 
     # ------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, ranks: dict[str, tuple[int, float, float]], init: bool | str) -> None:
@@ -92,8 +98,7 @@ class LoraParams(AdapterHost):
         for name in self.targets:
             r, alpha, scaling = ranks[name]
             weight = self._parameters[name]
-            # fp32 adapters over a bf16/fp16 parameter (training stability); fp64 stays fp64.
-            dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+            dtype = merge_dtype(weight.dtype)  # fp32 adapters over a bf16/fp16 parameter; fp64 stays fp64
             shapes = factor_shapes(tuple(weight.shape), r, self.transposed(name))
             adapter = LoraAdapter(*shapes, r=r, alpha=alpha, scaling=scaling, dropout=0.0, lora_bias=False,
                                   dtype=dtype, device=weight.device)
@@ -182,8 +187,11 @@ class LoraParams(AdapterHost):
         remaining = [n for n in self.merged if n not in names]
         if self.original_weights is not None:  # exact: the kept original, then what stays merged
             self._write(dict(zip(self.targets, self.original_weights)))
-            self.merged, self.original_weights = [], None
-            self.merge(remaining, keep_original=bool(remaining))
+            self.merged = []
+            if remaining:
+                self.merge(remaining)  # the original stays kept: no second copy
+            else:
+                self.original_weights = None
             return
         out = {}
         for name in self.targets:
