@@ -153,6 +153,11 @@ def _check_hosts(where: str, adapter_name: str, current: dict[str, AdapterHost],
     """Every module the new adapter touches is one the current adapter touches, of the same kind,
     with room for its rank; a DoRA adapter touches the same layers (zero factors are not a no-op
     for DoRA's magnitude)."""
+    other = sorted(n for n, h in {**current, **fresh}.items() if not isinstance(h, (LoraLayer, ModulesToSave)))
+    if other:
+        raise ValueError(f"{where}: {other[0]!r} is a {type({**current, **fresh}[other[0]]).__name__}; a swap writes "
+                         "only LoRA layers and modules_to_save copies (not LoRA on parameters nor token rows); "
+                         "use load_adapter")
     new_only = sorted(set(fresh) - set(current))
     if new_only:
         raise ValueError(f"{where}: the new adapter touches {new_only[:5]}, which adapter {adapter_name!r} does not "

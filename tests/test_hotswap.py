@@ -443,3 +443,34 @@ def test_mixed_batch_after_a_swap_uses_the_swapped_scaling(tmp_path):
     expected = _out(_fresh("llama", paths[3]).eval(), inputs)
     for i in range(0, rows, 2):
         assert _rel(mixed[i], expected[i]) <= FP64_TOL, i
+
+
+class _WithParameter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Module()
+        self.inner.w = torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.inner.w.T
+
+
+@pytest.mark.parametrize("kind", ["target_parameters", "trainable_token_indices"])
+def test_hosts_a_swap_does_not_write_are_refused_unchanged(kind, tmp_path):
+    """A swap writes LoRA layers and modules_to_save copies only: LoRA on parameters or token rows
+    are refused by name before anything is written (before: they kept the old adapter's values)."""
+    if kind == "target_parameters":
+        build_one = lambda: (torch.manual_seed(0), _WithParameter())[1]  # noqa: E731
+        fields = dict(target_modules=[], target_parameters=["inner.w"])
+    else:
+        build_one = lambda: build("llama").double()  # noqa: E731
+        fields = dict(target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    for i, alpha in enumerate((4, 8)):
+        model = minilora.inject(build_one(), r=2, lora_alpha=alpha, init_lora_weights=False, **fields)
+        minilora.save_adapter(model, tmp_path / f"a{i}")
+    model = minilora.load_adapter(build_one(), tmp_path / "a0")
+    before, attrs = snapshot(model), _adapter_attrs(model)
+    with pytest.raises(ValueError, match=r"a swap writes only LoRA layers and modules_to_save copies.*use load_adapter"):
+        minilora.hotswap_adapter(model, tmp_path / "a1")
+    assert_unchanged(model, before)
+    assert _adapter_attrs(model) == attrs
