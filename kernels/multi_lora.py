@@ -200,6 +200,11 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
         ValueError: on devices, dtypes or shapes the kernels do not take.
     """
     _check_inputs(y, x, A, B, scaling, sorted_rows, seg_slot, seg_start)
+    _launch(y, x, A, B, scaling, sorted_rows, seg_slot, seg_start, max_rows)
+
+
+def _launch(y, x, A, B, scaling, sorted_rows, seg_slot, seg_start, max_rows: int) -> None:
+    """``shrink_expand`` on checked inputs."""
     (R, T, N), (n, r, K) = y.shape, A.shape
     groups, tokens = seg_slot.numel(), max_rows * T
     if groups == 0 or tokens == 0 or N == 0:
@@ -227,7 +232,8 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
 def _multi_lora_op(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor,
                    sorted_rows: torch.Tensor, seg_slot: torch.Tensor, seg_start: torch.Tensor,
                    max_rows: int) -> None:
-    shrink_expand(y, x, A, B, scaling, sorted_rows, seg_slot, seg_start, max_rows)
+    # multi_lora_add_ checked the inputs before dispatch: once per call on this hot path.
+    _launch(y, x, A, B, scaling, sorted_rows, seg_slot, seg_start, max_rows)
 
 
 @_multi_lora_op.register_fake

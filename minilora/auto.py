@@ -14,6 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from minilora.checkpoint import load_adapter
+from minilora.model_config import CONFIG_FILE
 from minilora.peft_format import CONFIG_NAME, read_config_file
 
 __all__ = ["from_pretrained", "AUTO_CLASSES"]
@@ -27,7 +28,6 @@ AUTO_CLASSES = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
 }
-_MODEL_CONFIG = "config.json"  # what makes a folder a transformers model
 
 
 def _auto_class(task_type: str | None, where: str) -> Any:
@@ -49,8 +49,8 @@ def _base_location(adapter_dir: str, recorded: str | None, base_model: str | os.
     source = "base_model=" if base_model is not None else f"base_model_name_or_path in {where}"
     hint = "" if base_model is not None else "; if the base model moved, pass base_model='its/new/folder'"
     if os.path.isdir(base):
-        if not os.path.isfile(os.path.join(base, _MODEL_CONFIG)):
-            raise ValueError(f"{base!r} ({source}) is a folder without {_MODEL_CONFIG}: not a transformers model "
+        if not os.path.isfile(os.path.join(base, CONFIG_FILE)):
+            raise ValueError(f"{base!r} ({source}) is a folder without {CONFIG_FILE}: not a transformers model "
                              f"folder (save one with model.save_pretrained(folder)){hint}")
     elif os.path.isabs(base) or base.startswith(("./", "../", "~")) or os.path.exists(base):
         raise FileNotFoundError(f"base model folder {base!r} ({source}) does not exist{hint}")

@@ -21,6 +21,7 @@ from minilora.checkpoint import LoadPlan, meta_clone, plan_load
 from minilora.config import RANK_LIMIT, LoraConfig
 from minilora.inject import lora_layers, require_state
 from minilora.layers import LoraLayer
+from minilora.merge import mergeable
 from minilora.modules_to_save import ModulesToSave
 from minilora.tree import AdapterHost, hosts
 
@@ -112,7 +113,7 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
     inner = _unwrapped(model)
     state = require_state(inner, "hotswap_adapter", [adapter_name])
     old = state.configs[adapter_name]
-    merged = [n for n, layer in lora_layers(inner) if adapter_name in layer.merged]
+    merged = [n for n, host in mergeable(inner) if adapter_name in host.merged]
     if merged:
         raise ValueError(f"hotswap_adapter: adapter {adapter_name!r} is merged into {merged[0]!r} (and "
                          f"{len(merged) - 1} other layers); call minilora.unmerge(model) first")

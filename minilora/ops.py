@@ -163,7 +163,9 @@ def stack_lora(names: Sequence[str], factors: Sequence[tuple[torch.Tensor, torch
     for i, (a, b, _) in enumerate(factors):
         A[i, : a.shape[0]] = a
         B[i, :, : b.shape[1]] = b
-    scaling = torch.tensor([float(s) for _, _, s in factors], dtype=A0.dtype, device=A0.device)
+    # A scaling held as a tensor (prepare_for_hotswap) stays on its device: float() would wait for it.
+    scaling = torch.stack([s.to(A0.device, A0.dtype) if isinstance(s, torch.Tensor)
+                           else torch.tensor(s, dtype=torch.float64).to(A0.device, A0.dtype) for _, _, s in factors])
     return StackedLora(tuple(names), A, B, scaling)
 
 
