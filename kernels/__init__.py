@@ -12,11 +12,15 @@ import functools
 import importlib.util
 import os
 
-__all__ = ["MAX_RANK", "available", "fused_lora_linear", "multi_lora_add_"]
+import torch
+
+__all__ = ["MAX_RANK", "COMPUTE_DTYPES", "available", "fused_lora_linear", "multi_lora_add_"]
 
 #: the largest rank the kernels take (padded to a power of two inside). Here, not in
 #: lora_matmul.py, so that ``minilora.ops`` can read it without importing triton.
 MAX_RANK = 256
+#: the dtypes the kernels compute in (inputs and weights), fp32 accumulation in all of them.
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.cache  # asked on every CUDA forward; the answer cannot change within a process
@@ -27,8 +31,6 @@ def available() -> bool:
         return False
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return True
-    import torch
-
     return torch.cuda.is_available()
 
 

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minilora.kernels import MAX_RANK
+from minilora.kernels import COMPUTE_DTYPES, MAX_RANK
 
 # ------------------------------------------------------------------------------------- configs
 # Fixed, chosen per kernel and M bucket (no autotune, so every config used on the GPU is known and
@@ -398,7 +398,6 @@ def _grad_a_kernel(
 # ------------------------------------------------------------------------------------- launchers
 # Check inputs, allocate outputs, build grids.
 
-_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _new_output(shape, dtype, device) -> torch.Tensor:
@@ -429,11 +428,11 @@ def _check_forward_inputs(x, weight, bias, A, B, seed) -> None:
     if x.dim() != 2 or weight.dim() != 2 or A.dim() != 2 or B.dim() != 2:
         raise ValueError(f"expected 2-D x, weight, A, B; got shapes {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
-    if x.dtype not in _COMPUTE_DTYPES or x.dtype != weight.dtype:
+    if x.dtype not in COMPUTE_DTYPES or x.dtype != weight.dtype:
         raise ValueError(f"x and weight must share one dtype among fp16/bf16/fp32, got "
                          f"x {x.dtype} and weight {weight.dtype}")
     for name, t in (("A", A), ("B", B), ("bias", bias)):
-        if t is not None and t.dtype not in _COMPUTE_DTYPES:
+        if t is not None and t.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
     (_, K), (N, K_w), (r, K_a), (N_b, r_b) = x.shape, weight.shape, A.shape, B.shape
     if K_w != K or K_a != K:

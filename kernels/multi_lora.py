@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minilora.kernels import MAX_RANK
+from minilora.kernels import COMPUTE_DTYPES, MAX_RANK
 from minilora.kernels.lora_matmul import INTERPRET, check_device, dot_precision, rank_block
 
 # ------------------------------------------------------------------------------------- configs
@@ -149,7 +149,6 @@ def _expand_kernel(
 
 # ------------------------------------------------------------------------------------- launcher
 
-_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _new_output(shape, dtype, device) -> torch.Tensor:
@@ -163,7 +162,7 @@ def _check_inputs(y, x, A, B, scaling, sorted_rows, seg_slot, seg_start) -> None
     if y.dim() != 3 or x.dim() != 3 or A.dim() != 3 or B.dim() != 3:
         raise ValueError(f"expected y (R, T, N), x (R, T, K), A (n, r, K), B (n, N, r); got shapes "
                          f"{tuple(y.shape)}, {tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
-    if x.dtype not in _COMPUTE_DTYPES or x.dtype != y.dtype:
+    if x.dtype not in COMPUTE_DTYPES or x.dtype != y.dtype:
         raise ValueError(f"x and y must share one dtype among fp16/bf16/fp32, got x {x.dtype} and y {y.dtype}")
     for name, t in (("A", A), ("B", B), ("scaling", scaling)):
         if not t.is_floating_point():

@@ -12,10 +12,12 @@ from typing import Any, NoReturn, Union
 from minilora.matching import matches_name, pattern_key
 from minilora.patterns import PatternError, compile_pattern
 
-__all__ = ["LoraConfig", "INIT_SCHEMES", "BIAS_MODES", "RANK_LIMIT", "ALPHA_LIMIT"]
+__all__ = ["LoraConfig", "INIT_SCHEMES", "DECOMPOSING_INITS", "BIAS_MODES", "RANK_LIMIT", "ALPHA_LIMIT"]
 
 #: Accepted ``init_lora_weights`` values (``True`` is peft's kaiming-uniform default).
 INIT_SCHEMES = ("gaussian", True, False, "pissa", "olora")
+#: the init schemes that decompose the base weight and leave a residual in it.
+DECOMPOSING_INITS = ("pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
               "FEATURE_EXTRACTION")
@@ -253,7 +255,7 @@ class LoraConfig:
                 ("fan_in_fan_out", self.fan_in_fan_out, "the layout is read from the parameter; set it to False"),
                 ("lora_bias", self.lora_bias, "a parameter has no bias to pair with B; set it to False"),
                 ("use_dora", self.use_dora, "DoRA is not defined on parameters; set it to False"),
-                ("init_lora_weights", self.init_lora_weights in ("pissa", "olora"),
+                ("init_lora_weights", self.init_lora_weights in DECOMPOSING_INITS,
                  "pissa/olora decompose a module's weight; use True, False or 'gaussian'")):
             if on:
                 _fail(name, getattr(self, name), f"it does not work with target_parameters (as in peft): {why}, "

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from minilora.adapters import delete_adapter
 from minilora.checkpoint import LoadPlan, meta_clone, plan_load
-from minilora.config import RANK_LIMIT, LoraConfig
+from minilora.config import DECOMPOSING_INITS, RANK_LIMIT, LoraConfig
 from minilora.inject import lora_layers, require_state
 from minilora.layers import LoraLayer
 from minilora.merge import mergeable
@@ -26,10 +26,6 @@ from minilora.modules_to_save import ModulesToSave
 from minilora.tree import AdapterHost, hosts
 
 __all__ = ["prepare_for_hotswap", "hotswap_adapter"]
-
-#: Init schemes that rewrite the base weight when an adapter is loaded: a swap cannot undo that.
-_REWRITES_BASE = ("pissa", "olora")
-
 
 def _unwrapped(model: nn.Module) -> nn.Module:
     # torch.compile(model) returns a wrapper holding the model as ``_orig_mod`` (its documented
@@ -144,7 +140,7 @@ def _check_configs(where: str, old: LoraConfig, new: LoraConfig, adapter_name: s
         if config.bias != "none":
             raise ValueError(f"{where}: the {which} has bias={config.bias!r}: it trains the base model's biases, "
                              "which a swap can neither undo nor keep apart; use load_adapter / delete_adapter")
-        if config.init_lora_weights in _REWRITES_BASE:
+        if config.init_lora_weights in DECOMPOSING_INITS:
             raise ValueError(f"{where}: the {which} has init_lora_weights={config.init_lora_weights!r}, which "
                              "rewrites the base weight when it is loaded; a swap cannot; use load_adapter")
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import torch.nn as nn
 
-from minilora.config import LoraConfig
+from minilora.config import DECOMPOSING_INITS, LoraConfig
 from minilora.layers import (SUPPORTED_TYPES, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear,
                              LoraMultiheadAttention, lora_layer_class, unsupported_reason)
 from minilora.matching import closest_names, is_target, matches_name, unmatched_targets
@@ -290,7 +290,7 @@ def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, ma
             raise ValueError(f"use_dora=True on {name!r}, a {type(base).__name__}: DoRA over a quantized base is not "
                              "supported by minilora; use plain LoRA (use_dora=False) there, or exclude it")
         r, alpha = config.rank_and_alpha(name)
-        if config.init_lora_weights in ("pissa", "olora"):
+        if config.init_lora_weights in DECOMPOSING_INITS:
             _check_decomposable(name, module, cls, r, config.init_lora_weights)
             if isinstance(module, LoraLayer):
                 rewritten.append((name, sorted(module.adapters)))
@@ -415,14 +415,19 @@ def _tied_groups(modules, save: list[str], lora_names: set[str]) -> list[list[st
     return groups
 
 
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()``, or None for a model without one."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except NotImplementedError:  # transformers models without input embeddings raise it
+        return None
+
+
 def _input_embedding_name(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> str:
     """The name of ``model.get_input_embeddings()`` (what a list ``trainable_token_indices``
     trains), else of the one module named ``embed_tokens``."""
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        embedding = getter() if callable(getter) else None
-    except NotImplementedError:
-        embedding = None
+    embedding = _input_embedding(model)
     found = [n for n, m in modules
              if n and (m is embedding if embedding is not None else matches_name(n, ["embed_tokens"]))]
     if len(found) != 1:
@@ -607,11 +612,7 @@ def _require_input_grads(model: nn.Module, state: LoraState) -> None:
     if state.input_grad_hook is not None:
         state.input_grad_hook.remove()
         state.input_grad_hook = None
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        embedding = getter() if callable(getter) else None
-    except NotImplementedError:  # transformers models without input embeddings raise it
-        embedding = None
+    embedding = _input_embedding(model)
     if isinstance(embedding, nn.Module):
         state.input_grad_hook = embedding.register_forward_hook(input_requires_grad)
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora import ops
+from minilora.config import DECOMPOSING_INITS
 from minilora.ops import merge_dtype
 from minilora.tree import AdapterHost
 
@@ -911,7 +912,7 @@ _INIT: dict[bool | str, Callable[[LoraLayer, LoraAdapter], None]] = {
 def init_adapter(adapter: LoraAdapter, init: bool | str) -> None:
     """Initialise the factors of an adapter shaped like a linear layer's (A the large factor) by
     scheme ``init``: True, "gaussian" or False; the schemes that read a base weight need a layer."""
-    if init in ("pissa", "olora"):
+    if init in DECOMPOSING_INITS:
         raise ValueError(f"init_lora_weights={init!r} decomposes a layer's weight; init_adapter has none")
     _INIT[init if isinstance(init, str) else bool(init)](LoraLinear, adapter)  # reads init_on_A only
 

@@ -89,7 +89,7 @@ def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = Non
     # The kernels compute in the base dtype and treat the base weight as frozen. The custom op has
     # no autocast rule: under autocast to another dtype they would silently compute in the model's.
     device = x.device.type
-    usable = (x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    usable = (x.is_cuda and weight.dtype in kernels.COMPUTE_DTYPES
               and x.dtype == weight.dtype and not weight.requires_grad and rank <= kernels.MAX_RANK
               and not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != weight.dtype)
               and kernels.available())  # finds triton without importing it
@@ -221,7 +221,7 @@ def backend_for_rows(x: torch.Tensor, y: torch.Tensor, stack: StackedLora, backe
     if choice == "torch":
         return "torch"
     # The kernels write into y in place and have no backward: inference only.
-    usable = (x.is_cuda and x.dtype == y.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    usable = (x.is_cuda and x.dtype == y.dtype and x.dtype in kernels.COMPUTE_DTYPES
               and stack.A.shape[1] <= kernels.MAX_RANK and not torch.is_grad_enabled()
               and kernels.available())
     if choice == "triton" and not usable:
