@@ -252,7 +252,8 @@ def _check_request(model: nn.Module, configs: list[LoraConfig], adapters: list[s
         raise ValueError(f"add_weighted_adapter: combination_type={combination_type!r} is not supported; "
                          f"choose one of {sorted(COMBINATIONS)}")
     if len({isinstance(c.target_modules, str) for c in configs}) > 1:
-        raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules (as peft, not supported)")
+        raise ValueError("add_weighted_adapter: the adapters mix list and regex target_modules "
+                         "(as peft, not supported)")
     tokens = [a for a, c in zip(adapters, configs) if c.trainable_token_indices]
     if tokens:
         raise ValueError(f"add_weighted_adapter: {tokens} train token rows (trainable_token_indices), which have no "

@@ -2,22 +2,29 @@
 
 The base model comes from the path ``adapter_config.json`` records (``base_model_name_or_path``,
 written by ``save_adapter`` and peft), loaded with a transformers auto class chosen from the
-config's ``task_type``; then ``load_adapter`` reads and checks the adapter against it.
+config's ``task_type``; then ``load_adapter`` reads and checks the adapter against it. A base
+whose vocabulary the adapter outgrew (tokens added before training) is resized first.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch.nn as nn
 
 from minilora.checkpoint import load_adapter
 from minilora.model_config import CONFIG_FILE
-from minilora.peft_format import CONFIG_NAME, read_config_file
+from minilora.peft_format import (BASE_WEIGHT_KEYS, CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, WEIGHTS_NAME, TensorEntry,
+                                  read_config_file, read_header)
+from minilora.tree import vocabulary_ends
 
-__all__ = ["from_pretrained", "AUTO_CLASSES"]
+__all__ = ["from_pretrained", "AUTO_CLASSES", "TOKENIZER_CONFIG"]
+
+#: A tokenizer saved beside the adapter (transformers' ``save_pretrained`` writes this file).
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 #: peft's task_type -> the transformers auto class that builds a model with that head.
 AUTO_CLASSES = {
@@ -57,6 +64,47 @@ def _base_location(adapter_dir: str, recorded: str | None, base_model: str | os.
     return base
 
 
+def _name_of(model: nn.Module, module: nn.Module | None) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
+
+
+def _trained_vocab(model: nn.Module, entries: Mapping[str, TensorEntry]) -> int | None:
+    """The vocabulary size the adapter's embedding tensors (``entries``: its file's header) were
+    trained with, or None when it holds none or they disagree (``load_adapter`` then names the misfit)."""
+    sizes = set()
+    factors = ((FACTOR_KEYS[True]["lora_A"], 1), (FACTOR_KEYS[False]["lora_B"], 0))  # (r, vocab), (vocab, r)
+    for module, factor in zip(vocabulary_ends(model), factors):
+        name = _name_of(model, module)
+        # the weight (modules_to_save's copy, or save_embedding_layers' base weight), and the LoRA
+        # factor along the vocabulary
+        for suffix, axis in (*((key, 0) for key in BASE_WEIGHT_KEYS.values()), factor):
+            entry = entries.get(f"{PEFT_PREFIX}{name}.{suffix}") if name is not None else None
+            if entry is not None and len(entry.shape) == 2:
+                sizes.add(entry.shape[axis])
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _fit_vocabulary(model: nn.Module, folder: str, entries: Mapping[str, TensorEntry], trust_remote_code: bool) -> None:
+    """Resize the base's token embeddings to the adapter's vocabulary (tokens added before training).
+
+    The adapter's own embedding tensors give the size exactly, larger or smaller. Without them, a
+    tokenizer saved beside the adapter that is larger than the embedding grows it, as peft's
+    ``AutoPeftModel`` does (new rows initialised by transformers' mean resizing)."""
+    embedding = vocabulary_ends(model)[0]
+    if not callable(getattr(model, "resize_token_embeddings", None)) or embedding is None:
+        return
+    rows = embedding.weight.shape[0]
+    size = _trained_vocab(model, entries)
+    if size is not None:
+        if size != rows:  # every new row is overwritten by the adapter's values: skip the mean
+            model.resize_token_embeddings(size, mean_resizing=False)
+    elif os.path.isfile(os.path.join(folder, TOKENIZER_CONFIG)):
+        from transformers import AutoTokenizer
+        length = len(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
+        if length > rows:
+            model.resize_token_embeddings(length)
+
+
 def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
                     base_model: str | os.PathLike | None = None, adapter_name: str = "default",
                     is_trainable: bool = False, allow_pickle: bool = False, **from_pretrained_kwargs: Any) -> nn.Module:
@@ -72,6 +120,12 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
     when the recorded base is used. A hub id downloads as transformers does; ``HF_HUB_OFFLINE=1``
     forbids it.
 
+    Where the adapter was trained on a resized vocabulary, the base's token embeddings are resized
+    before the adapter loads: to the row count of the adapter's embedding tensors (a
+    ``modules_to_save`` copy, peft's saved base embedding, LoRA on the embedding or the output
+    head), else, like peft, up to the length of a tokenizer saved in ``adapter_dir`` when that is
+    larger (``trust_remote_code`` from ``from_pretrained_kwargs`` applies to it).
+
     Raises:
         AdapterFileError: the adapter folder's config or weights (as ``load_adapter``).
         ValueError: no base path recorded nor given; no task_type and no ``auto_class``; a base
@@ -86,6 +140,10 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
     folder = os.fspath(adapter_dir)
     config, _ = read_config_file(folder)
     base = _base_location(folder, config.base_model_name_or_path, base_model)
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    # The header now, so a broken file fails before the base loads. A pickle is not opened here:
+    # load_adapter decides whether it is read at all.
+    entries = read_header(weights)[0] if os.path.isfile(weights) else {}
     if auto_class is None:
         auto_class = _auto_class(config.task_type, os.path.join(folder, CONFIG_NAME))
     if base_model is None and config.revision and "revision" not in from_pretrained_kwargs:
@@ -95,6 +153,7 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
     except OSError as err:
         raise OSError(f"base model {base!r} of adapter {folder!r} could not be loaded with "
                       f"{getattr(auto_class, '__name__', auto_class)}: {err}") from err
+    _fit_vocabulary(model, folder, entries, bool(from_pretrained_kwargs.get("trust_remote_code", False)))
     try:
         return load_adapter(model, folder, adapter_name, is_trainable, allow_pickle=allow_pickle)
     except ValueError as err:  # AdapterFileError included: the same type, with the base named

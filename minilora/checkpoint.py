@@ -24,16 +24,16 @@ from minilora import atomic
 from minilora.config import LoraConfig
 from minilora.inject import inject, lora_layers, lora_state, require_state
 from minilora.layers import LoraEmbedding, LoraLayer
+from minilora.model_config import CONFIG_FILE
 from minilora.modules_to_save import ModulesToSave
 from minilora.params import LoraParams, param_hosts
 from minilora.patterns import PatternError, time_budget
 from minilora.trainable_tokens import TrainableTokens
-from minilora.tree import AdapterHost, walk
-from minilora.peft_format import (CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, TOKEN_KEY,
-                                  WEIGHTS_NAME,
+from minilora.tree import AdapterHost, vocabulary_ends, walk
+from minilora.peft_format import (BASE_WEIGHT_KEYS, CONFIG_NAME, DIGEST_KEY, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME,
+                                  TOKEN_KEY, WEIGHTS_NAME,
                                   AdapterFileError, check_digest, check_tensor, config_digest, param_module_key,
-                                  read_config_file,
-                                  read_header, read_tensor, safetensors_bytes)
+                                  read_config_file, read_header, read_json, read_tensor, safetensors_bytes)
 
 __all__ = ["AdapterFileError", "save_adapter", "load_adapter", "adapter_state_dict", "gather_tensors",
            "LoadPlan", "plan_load", "meta_clone", "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX"]
@@ -150,11 +150,69 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, str]:
 
 
 def _optional_slots(model: nn.Module) -> dict[str, str]:
-    """Keys peft may add that we accept on load: the base weight of a LoRA-adapted embedding
-    (peft's ``save_embedding_layers``, e.g. after resizing the vocabulary). Loaded like peft does."""
-    outputs = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    return {f"{PEFT_PREFIX}{name}.base_layer.weight": f"{name}.weight" for name, layer in lora_layers(model)
-            if isinstance(layer, LoraEmbedding) or (outputs is not None and layer is outputs)}
+    """Base weights peft may add to a file, accepted on load and copied in as peft does (its
+    ``save_embedding_layers``, e.g. after resizing the vocabulary): those of LoRA-adapted
+    embeddings, and of the token embedding and output head whatever wraps them (LoRA, trainable
+    tokens, nothing; a modules_to_save copy is the adapter's own). File key -> model key."""
+    ends = [end for end in vocabulary_ends(model) if end is not None]
+    slots = {}
+    for name, module in model.named_modules():
+        at_end = any(module is end for end in ends)
+        if isinstance(module, LoraEmbedding) or (at_end and isinstance(module, LoraLayer)):
+            wrapper = "lora"
+        elif at_end and not isinstance(module, AdapterHost):
+            wrapper = "plain"
+        elif at_end and isinstance(module, TrainableTokens):
+            wrapper = "tokens"
+        else:
+            continue
+        slots[f"{PEFT_PREFIX}{name}.{BASE_WEIGHT_KEYS[wrapper]}"] = f"{name}.weight"
+    return slots
+
+
+def _base_vocab(base: str | None) -> int | None:
+    """``vocab_size`` from the config.json of the base an adapter records, read only where it is
+    local (a model folder, or the Hugging Face cache for a hub id); None where unknown."""
+    if not base:
+        return None
+    path = os.path.join(base, CONFIG_FILE)
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache  # no network: the cache or nothing
+            path = try_to_load_from_cache(base, CONFIG_FILE)
+        except (ImportError, ValueError):  # not a hub id either
+            return None
+        if not isinstance(path, str):
+            return None
+    try:
+        data = read_json(path, "a transformers model config")
+    except AdapterFileError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "vocab_size" not in data and isinstance(data.get("text_config"), dict):  # a multimodal model's text half
+        data = data["text_config"]
+    size = data.get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
+def _embedding_slots(model: nn.Module, adapter_name: str, save_embedding_layers: bool | str,
+                     base: str | None) -> dict[str, str]:
+    """File key -> model key of the base weights written with ``adapter_name`` (peft's
+    ``save_embedding_layers``): the token embedding's and output head's where this adapter puts
+    LoRA on them or nothing wraps them; always, never, or ("auto") when their vocabulary is not the
+    recorded base's (it was resized)."""
+    if save_embedding_layers not in (True, False, "auto"):
+        raise ValueError(f"save_embedding_layers={save_embedding_layers!r}: expected True, False or 'auto'")
+    modules = dict(model.named_modules())
+    slots = {k: v for k, v in _optional_slots(model).items()  # those of hosts of other adapters are theirs
+             if not isinstance(host := modules[v.rpartition(".")[0]], AdapterHost)
+             or adapter_name in host.adapter_modules()}
+    if save_embedding_layers != "auto" or not slots:
+        return slots if save_embedding_layers else {}
+    vocab = _base_vocab(base)
+    rows = {model.state_dict(keep_vars=True)[v].shape[0] for v in slots.values()}
+    return slots if vocab is not None and rows != {vocab} else {}
 
 
 def gather_tensors(model: nn.Module, keys: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -173,14 +231,34 @@ def _unsharded(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
+                       save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
     """The tensors peft would save for ``adapter_name``, under peft's file keys (CPU copies).
 
+    ``save_embedding_layers`` (peft's option): also the base weights of the token embedding and
+    output head (``...embed_tokens.base_layer.weight`` under LoRA, ``...embed_tokens.weight``
+    unwrapped; a modules_to_save copy is written anyway), so an adapter trained on a resized
+    vocabulary reloads exactly. True: always; False: never; "auto": when their row count is not
+    the ``vocab_size`` of the base recorded in the config (``base_model_name_or_path``), read
+    locally from its folder or the Hugging Face cache; an unknown base writes none (pass True
+    after resizing such a model).
+
     Raises:
-        ValueError: the adapter does not exist, or holds a tensor peft's format cannot name.
+        ValueError: the adapter does not exist, or holds a tensor peft's format cannot name;
+            ``save_embedding_layers`` other than True, False or "auto".
     """
     slots = _slots(model, adapter_name)
+    embeddings = _embedding_slots(model, adapter_name, save_embedding_layers,
+                                  _base_name(model, lora_state(model).configs[adapter_name]))
+    slots.update(embeddings)
     values = gather_tensors(model, dict.fromkeys(slots.values()))
+    layers = dict(lora_layers(model))
+    # A merged LoRA layer's weight holds its deltas: write the weight without them. (Merged token
+    # rows need nothing: loading puts the adapter's rows over them again.)
+    for key in embeddings.values():
+        layer = layers.get(key.rpartition(".")[0])
+        if layer is not None and layer.merged:
+            values[key] = layer.unmerged_weight().detach().to("cpu", copy=True).contiguous()
     for name, layer in lora_layers(model):  # factors padded for hot-swapping: the adapter's own rank
         if adapter_name in layer.adapters and layer.rank_room(adapter_name) != layer.adapters[adapter_name].r:
             for param in ("lora_A", "lora_B"):
@@ -194,16 +272,21 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 # ---------------------------------------------------------------- writing (atomic)
+def _base_name(model: nn.Module, config: LoraConfig) -> str | None:
+    """The base model an adapter records: the config's, else the name transformers loaded it by."""
+    if config.base_model_name_or_path:
+        return config.base_model_name_or_path
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name or None
+
+
 def _config_json(model: nn.Module, config: LoraConfig) -> bytes:
     data = config.to_dict()
     data["inference_mode"] = True  # as peft: a saved adapter loads for inference unless asked otherwise
     if data["lora_bias"] and data["init_lora_weights"] not in (True, False):
         # peft refuses lora_bias with any other init, which no longer matters once trained.
         data["init_lora_weights"] = True
-    if not data.get("base_model_name_or_path"):
-        model_config = getattr(model, "config", None)
-        name = getattr(model_config, "_name_or_path", None) or getattr(model, "name_or_path", None)
-        data["base_model_name_or_path"] = name or None
+    data["base_model_name_or_path"] = _base_name(model, config)
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -213,9 +296,12 @@ def _check_folder_name(name: str) -> None:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *,
-                 is_main_process: bool = True) -> None:
+                 is_main_process: bool = True, save_embedding_layers: bool | str = "auto") -> None:
     """Write adapters in peft's format: ``"default"`` into ``path``, any other into ``path/<name>``;
     ``adapter_name=None`` saves every adapter of the model.
+
+    ``save_embedding_layers``: also write the base weights of LoRA-adapted token embeddings and
+    output heads, as ``adapter_state_dict`` says ("auto": when the vocabulary was resized).
 
     A folder never loads as a mix of two saves: the files are written by ``atomic.write_files``
     (weights renamed before config), and the weights carry a digest of their config, which
@@ -225,7 +311,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     (as ``minilora.training.save_adapter_sharded`` does); only the main process writes.
 
     Raises:
-        ValueError: no such adapter, or the model has none.
+        ValueError: no such adapter, or the model has none; ``save_embedding_layers`` other than
+            True, False or "auto".
     """
     state = require_state(model, "save_adapter")
     names = list(state.configs) if adapter_name is None else [adapter_name]
@@ -238,7 +325,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         folder = os.fspath(path) if name == "default" else os.path.join(os.fspath(path), name)
         config_bytes = _config_json(model, state.configs[name])
         metadata = {"format": "pt", DIGEST_KEY: config_digest(json.loads(config_bytes))}  # ties weights to config
-        files += [(os.path.join(folder, WEIGHTS_NAME), safetensors_bytes(adapter_state_dict(model, name), metadata)),
+        weights = adapter_state_dict(model, name, save_embedding_layers=save_embedding_layers)
+        files += [(os.path.join(folder, WEIGHTS_NAME), safetensors_bytes(weights, metadata)),
                   (os.path.join(folder, CONFIG_NAME), config_bytes)]
     if is_main_process:  # a sharded model's other ranks took part in the gathers above
         atomic.write_files(files, root=os.fspath(path))
@@ -272,7 +360,8 @@ def _weights(folder: str, config_data: Mapping[str, Any], allow_pickle: bool) ->
         try:
             loaded = torch.load(pickle_path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for a bad or unsafe pickle
-            raise AdapterFileError(f"{pickle_path} could not be read with torch.load(weights_only=True) ({err})") from None
+            raise AdapterFileError(f"{pickle_path} could not be read with torch.load(weights_only=True) "
+                                   f"({err})") from None
         if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                    for k, v in loaded.items()):
             raise AdapterFileError(f"{pickle_path} does not hold a dict of tensors")

@@ -22,7 +22,7 @@ from minilora.modules_to_save import ModulesToSave
 from minilora.params import LoraParams, parameter_problem
 from minilora.patterns import time_budget
 from minilora.trainable_tokens import TrainableTokens, token_host_class
-from minilora.tree import hosts, input_requires_grad, set_active, swap, walk
+from minilora.tree import hosts, input_requires_grad, set_active, swap, vocabulary_ends, walk
 
 __all__ = ["inject", "find_targets", "adapted_modules", "lora_layers", "trainable_parameters",
            "print_trainable_parameters", "unload", "LoraState", "Untied", "lora_state", "require_state",
@@ -415,19 +415,10 @@ def _tied_groups(modules, save: list[str], lora_names: set[str]) -> list[list[st
     return groups
 
 
-def _input_embedding(model: nn.Module) -> nn.Module | None:
-    """``model.get_input_embeddings()``, or None for a model without one."""
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        return getter() if callable(getter) else None
-    except NotImplementedError:  # transformers models without input embeddings raise it
-        return None
-
-
 def _input_embedding_name(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> str:
     """The name of ``model.get_input_embeddings()`` (what a list ``trainable_token_indices``
     trains), else of the one module named ``embed_tokens``."""
-    embedding = _input_embedding(model)
+    embedding = vocabulary_ends(model)[0]
     found = [n for n, m in modules
              if n and (m is embedding if embedding is not None else matches_name(n, ["embed_tokens"]))]
     if len(found) != 1:
@@ -612,7 +603,7 @@ def _require_input_grads(model: nn.Module, state: LoraState) -> None:
     if state.input_grad_hook is not None:
         state.input_grad_hook.remove()
         state.input_grad_hook = None
-    embedding = _input_embedding(model)
+    embedding = vocabulary_ends(model)[0]
     if isinstance(embedding, nn.Module):
         state.input_grad_hook = embedding.register_forward_hook(input_requires_grad)
 

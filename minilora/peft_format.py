@@ -45,6 +45,9 @@ FACTOR_KEYS: dict[bool, dict[str, str]] = {
 }
 #: peft's key suffix for a module's trained token rows (``trainable_token_indices``): (k, dim).
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"
+#: peft's key suffix for the base weight of a token embedding or output head (written with
+#: ``save_embedding_layers``), by what wraps the module: LoRA, trainable tokens, or nothing.
+BASE_WEIGHT_KEYS = {"lora": "base_layer.weight", "tokens": "token_adapter.base_layer.weight", "plain": "weight"}
 
 
 def param_module_key(module: str, index: int, count: int) -> str:
@@ -137,7 +140,8 @@ def read_config_file(folder: str | os.PathLike) -> tuple[LoraConfig, dict[str, A
                                "LoraConfig fields")
     peft_type = data.get("peft_type")
     if peft_type != "LORA":
-        raise AdapterFileError(f"{path} has peft_type={peft_type!r}; minilora loads only LoRA adapters (peft_type 'LORA')")
+        raise AdapterFileError(f"{path} has peft_type={peft_type!r}; minilora loads only LoRA adapters "
+                               "(peft_type 'LORA')")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unknown fields are kept for the round trip

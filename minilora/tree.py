@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from minilora.rows import RowAdapters
 
-__all__ = ["AdapterHost", "walk", "hosts", "swap", "set_active", "input_requires_grad"]
+__all__ = ["AdapterHost", "walk", "hosts", "swap", "set_active", "vocabulary_ends", "input_requires_grad"]
 
 
 class AdapterHost(nn.Module):
@@ -98,6 +98,18 @@ def set_active(model: nn.Module, names: tuple[str, ...]) -> None:
     """Make ``names`` the active adapters of every host in the model."""
     for _, host in hosts(model):
         host.set_active(names)
+
+
+def vocabulary_ends(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """``model.get_input_embeddings()`` and ``model.get_output_embeddings()`` (the token embedding
+    and the output head), each None where the model has none: any module may be asked."""
+    ends = []
+    for getter in (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)):
+        try:
+            ends.append(getter() if callable(getter) else None)
+        except NotImplementedError:  # transformers models without one raise it
+            ends.append(None)
+    return ends[0], ends[1]
 
 
 def input_requires_grad(module: nn.Module, args: Any, output: Any) -> None:

@@ -148,3 +148,210 @@ def test_bad_adapter_config_is_load_adapters_error(tmp_path):
     _edit_config(folder, r=-1)
     with pytest.raises(minilora.AdapterFileError, match="adapter_config.json"):
         minilora.from_pretrained(folder)
+
+
+def test_a_broken_weights_file_fails_before_the_base_loads(tmp_path, monkeypatch):
+    folder, _ = _adapter(tmp_path, _base(tmp_path), task_type="CAUSAL_LM")
+    (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 7)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("the base was loaded")))
+    with pytest.raises(minilora.AdapterFileError, match="adapter_model.safetensors"):
+        minilora.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------- a vocabulary grown before training
+def _tokenizer(folder, size):
+    """A word-level tokenizer of ``size`` tokens saved into ``folder`` (transformers' files)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0")
+    assert len(fast) == size
+    fast.save_pretrained(folder)
+
+
+def _grown(tmp_path, new_rows=8, **fields):
+    """Base saved at 64 tokens; the adapter trained after growing it by ``new_rows``."""
+    base = _base(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(64 + new_rows)
+    minilora.inject(model, **{"targets": ["q_proj", "v_proj"], "r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM",
+                              **fields})
+    randomize_adapters(model)
+    minilora.save_adapter(model, tmp_path / "adapter")
+    new_ids = torch.arange(64, 64 + new_rows).reshape(2, -1)
+    return tmp_path / "adapter", model, {"input_ids": torch.cat([new_ids, new_ids.flip(1) - 40], 1)}
+
+
+def test_grown_vocabulary_is_read_from_the_adapters_embeddings(tmp_path):
+    folder, trained, inputs = _grown(tmp_path, modules_to_save=["embed_tokens", "lm_head"])
+    with pytest.raises(minilora.AdapterFileError, match=r"has shape \(72, 32\), but .* needs \(64, 32\)"):  # two steps
+        minilora.load_adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base-llama"), folder)
+    model = minilora.from_pretrained(folder)
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == 72
+    assert torch.equal(_out(model, inputs), _out(trained, inputs))  # the new tokens' rows included
+
+
+def test_grown_vocabulary_same_as_peft_with_a_tokenizer(tmp_path):
+    import peft
+    folder, trained, inputs = _grown(tmp_path, modules_to_save=["embed_tokens", "lm_head"])
+    _tokenizer(folder, 72)  # peft learns the size from a tokenizer only
+    ours = _out(minilora.from_pretrained(folder), inputs)
+    theirs = _out(peft.AutoPeftModelForCausalLM.from_pretrained(folder).eval(), inputs)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours, _out(trained, inputs))
+
+
+def test_grown_vocabulary_from_peft_saved_embedding_layers(tmp_path):
+    """LoRA on the grown embedding: peft writes the base embedding too (save_embedding_layers), and
+    the LoRA factor's width and that weight both give the size."""
+    import peft
+    base = _base(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(70)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False,
+                             task_type="CAUSAL_LM")
+    trained = peft.get_peft_model(model, config).eval()
+    trained.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    model = minilora.from_pretrained(tmp_path / "adapter")
+    assert model.get_input_embeddings().weight.shape[0] == 70
+    inputs = {"input_ids": torch.tensor([[69, 3, 65, 64, 12]])}
+    # The untargeted head's 6 new rows are in no file (peft's own reload differs there too)
+    assert torch.equal(_out(model, inputs)[..., :64], _out(trained, inputs)[..., :64])
+
+
+def test_tokenizer_grows_but_never_shrinks_the_base(tmp_path):
+    """No embedding tensors in the adapter: a larger tokenizer beside it grows the base, as peft's
+    auto classes do; a smaller one leaves it (the adapter then loads into the unchanged base)."""
+    import peft
+    folder, _ = _adapter(tmp_path, _base(tmp_path), task_type="CAUSAL_LM")
+    _tokenizer(folder, 80)
+    model = minilora.from_pretrained(folder)
+    assert model.get_input_embeddings().weight.shape[0] == 80 == model.get_output_embeddings().weight.shape[0]
+    assert peft.AutoPeftModelForCausalLM.from_pretrained(folder).get_input_embeddings().weight.shape[0] == 80
+    _tokenizer(folder, 40)
+    assert minilora.from_pretrained(folder).get_input_embeddings().weight.shape[0] == 64
+
+
+def _grown_lora(tmp_path, rows=70, save=True, **save_kwargs):
+    """LoRA on the token embedding and head of a base grown from 64 to ``rows`` tokens (new rows
+    random, in no file unless written as base weights); saved with save_adapter's options."""
+    base = _base(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(rows)
+    minilora.inject(model, targets=["embed_tokens", "lm_head", "q_proj"], r=4, lora_alpha=8, task_type="CAUSAL_LM")
+    randomize_adapters(model)
+    if save:
+        minilora.save_adapter(model, tmp_path / "adapter", **save_kwargs)
+    return tmp_path / "adapter", model
+
+
+BASE_KEYS = {"base_model.model.model.embed_tokens.base_layer.weight", "base_model.model.lm_head.base_layer.weight"}
+
+
+def _keys(folder):
+    from safetensors import safe_open
+    with safe_open(folder / "adapter_model.safetensors", "pt") as handle:
+        return set(handle.keys())
+
+
+def test_lora_on_a_grown_vocabulary_round_trips_with_its_base_rows(tmp_path):
+    """save_embedding_layers="auto" writes the grown base embedding and head (the base's config.json
+    says 64 tokens): from_pretrained rebuilds the trained model exactly, and peft (given the
+    tokenizer it needs to resize) loads the same model."""
+    import peft
+    folder, trained = _grown_lora(tmp_path)
+    assert BASE_KEYS <= _keys(folder)
+    inputs = {"input_ids": torch.tensor([[69, 3, 65, 64, 12, 66]])}
+    model = minilora.from_pretrained(folder)
+    assert torch.equal(_out(model, inputs), _out(trained, inputs))  # all 70 logits
+    _tokenizer(folder, 70)
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(folder).eval()
+    torch.testing.assert_close(_out(theirs, inputs), _out(trained, inputs), rtol=0, atol=0)
+
+
+def test_auto_writes_base_rows_only_for_a_resized_vocabulary(tmp_path):
+    folder, _ = _grown_lora(tmp_path / "same", rows=64)
+    assert not _keys(folder) & BASE_KEYS  # the base's own 64 rows: the base folder has them
+    folder, _ = _grown_lora(tmp_path / "forced", rows=64, save_embedding_layers=True)
+    assert BASE_KEYS <= _keys(folder)
+    folder, _ = _grown_lora(tmp_path / "never", rows=70, save_embedding_layers=False)
+    assert not _keys(folder) & BASE_KEYS
+    model = build("llama")  # built from a config: the base's vocabulary is unknown, "auto" writes none
+    model.resize_token_embeddings(70)
+    minilora.inject(model, targets=["embed_tokens"], r=2)
+    minilora.save_adapter(model, tmp_path / "unknown")
+    assert not _keys(tmp_path / "unknown") & BASE_KEYS
+
+
+def test_auto_reads_a_hub_bases_vocabulary_from_the_cache(tmp_path, monkeypatch):
+    """A hub id is looked up in the Hugging Face cache, never downloaded."""
+    import huggingface_hub.constants as hub
+    snapshot = tmp_path / "cache" / "models--org--tiny" / "snapshots" / ("0" * 40)
+    build("llama").config.save_pretrained(snapshot)
+    (tmp_path / "cache" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "cache" / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    _, model = _grown_lora(tmp_path, save=False)
+    model.config._name_or_path = "org/tiny"
+    minilora.save_adapter(model, tmp_path / "grown")
+    assert BASE_KEYS <= _keys(tmp_path / "grown")
+    model.config._name_or_path = "org/not-cached"
+    minilora.save_adapter(model, tmp_path / "unknown")
+    assert not _keys(tmp_path / "unknown") & BASE_KEYS
+
+
+def test_a_merged_layer_writes_its_base_weight_without_the_delta(tmp_path):
+    _, model = _grown_lora(tmp_path, save=False)
+    want = minilora.adapter_state_dict(model, save_embedding_layers=True)
+    for keep_original in (True, False):
+        minilora.merge(model, keep_original=keep_original)
+        got = minilora.adapter_state_dict(model, save_embedding_layers=True)
+        # Without a kept original: (W + delta) - delta in fp32, two roundings of values below 4: < 1e-6
+        for key in BASE_KEYS:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0 if keep_original else 1e-6)
+        minilora.unmerge(model)
+
+
+def test_save_embedding_layers_is_checked_before_writing(tmp_path):
+    _, model = _grown_lora(tmp_path, save=False)
+    with pytest.raises(ValueError, match=r"save_embedding_layers='yes': expected True, False or 'auto'"):
+        minilora.save_adapter(model, tmp_path / "adapter", save_embedding_layers="yes")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_grown_vocabulary_under_lora_elsewhere_keeps_its_new_rows(tmp_path):
+    """Only q_proj/v_proj adapted, vocabulary grown: "auto" writes the whole embedding and head
+    (their new rows exist nowhere else), as peft does; both libraries load either file."""
+    import peft
+    plain = {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"}
+    folder, trained, inputs = _grown(tmp_path)
+    assert plain <= _keys(folder)
+    assert torch.equal(_out(minilora.from_pretrained(folder), inputs), _out(trained, inputs))
+    _tokenizer(folder, 72)
+    assert torch.equal(_out(peft.AutoPeftModelForCausalLM.from_pretrained(folder).eval(), inputs),
+                       _out(trained, inputs))
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base-llama"),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    theirs.resize_token_embeddings(72)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    assert plain <= _keys(tmp_path / "peft")
+    ours = minilora.from_pretrained(tmp_path / "peft", transformers.AutoModelForCausalLM)
+    assert torch.equal(_out(ours, inputs), _out(theirs, inputs))
+
+
+def test_a_grown_vocabulary_under_trainable_tokens_round_trips(tmp_path):
+    """The new tokens' trained rows are the token adapter's; the untrained ones and the head's new
+    rows are base weights, written under peft's keys ("auto"), so both libraries rebuild the model."""
+    import peft
+    folder, trained, inputs = _grown(tmp_path, trainable_token_indices=[64, 65, 66])
+    rows = trained.model.embed_tokens.tokens["default"].delta
+    with torch.no_grad():
+        rows.add_(torch.randn(rows.shape, generator=torch.Generator().manual_seed(5)))  # trained
+    minilora.save_adapter(trained, folder)
+    assert {"base_model.model.model.embed_tokens.token_adapter.base_layer.weight",
+            "base_model.model.lm_head.weight"} <= _keys(folder)
+    assert torch.equal(_out(minilora.from_pretrained(folder), inputs), _out(trained, inputs))
+    _tokenizer(folder, 72)
+    assert torch.equal(_out(peft.AutoPeftModelForCausalLM.from_pretrained(folder).eval(), inputs),
+                       _out(trained, inputs))
