@@ -355,3 +355,15 @@ def test_a_grown_vocabulary_under_trainable_tokens_round_trips(tmp_path):
     _tokenizer(folder, 72)
     assert torch.equal(_out(peft.AutoPeftModelForCausalLM.from_pretrained(folder).eval(), inputs),
                        _out(trained, inputs))
+
+
+def test_offline_merge_refuses_a_grown_vocabulary_and_the_in_memory_merge_works(tmp_path):
+    from minilora.offline_merge import merge_checkpoint
+    folder, trained, inputs = _grown(tmp_path, modules_to_save=["embed_tokens", "lm_head"])
+    with pytest.raises(ValueError, match=r"has shape \[72, 32\] but '(lm_head|model.embed_tokens).weight' .* \[64, 32\]"):
+        merge_checkpoint(tmp_path / "base-llama", folder, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    merged = minilora.merge_and_unload(minilora.from_pretrained(folder))
+    # fp32 weights W + s·BA round once more than the unmerged forward: a few fp32 ulps (1.2e-7) per
+    # length-32 reduction, over two layers
+    torch.testing.assert_close(_out(merged, inputs), _out(trained, inputs), rtol=1e-5, atol=1e-6)
