@@ -47,6 +47,7 @@ CASES = {
                        [(4, 8, {}), (2, 6, {}), (8, 3, {}), (6, 6, {})]),
     "mlp_dora": (["lin0", "lin1", "head"], {"use_dora": True},
                            [(4, 8, {}), (2, 3, {}), (6, 12, {}), (1, 1, {})]),
+    "mha": (["mha", "lin0"], {}, [(4, 8, {}), (2, 3, {}), (6, 12, {"rank_pattern": {"lin0": 1}}), (1, 1, {})]),
 }
 
 
@@ -206,7 +207,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("case", ["llama", "conv2d_grouped_lora_bias", "mlp_dora"])
+@pytest.mark.parametrize("case", ["llama", "conv2d_grouped_lora_bias", "mlp_dora", "mha"])
 def test_compiled_model_swaps_three_adapters_without_recompiling(case, tmp_path, _fresh_dynamo):
     paths = _save_adapters(case, tmp_path)
     model = _fresh(case, paths[0])

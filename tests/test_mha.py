@@ -28,6 +28,7 @@ from minilora.inject import lora_layers
 from minilora.layers import LoraLinear, LoraMultiheadAttention
 from minilora.model_config import adaptable_modules
 from minilora.offline_merge import merge_checkpoint
+from tiny_models import ModelMha
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora import LoraLayer as PeftLoraLayer  # noqa: E402
@@ -55,21 +56,6 @@ FP32_TOL = 3e-5
 BF16_SPACING = 2.0 ** -7
 BF16_TOL = 4 * BF16_SPACING
 BF16_GRAD_TOL = 2 * BF16_TOL
-
-
-class ModelMha(nn.Module):
-    """peft's ModelMha, with the variants' options; returns (log-probs, attention weights or None)."""
-
-    def __init__(self, batch_first: bool = False, add_bias_kv: bool = False, **mha_kwargs):
-        super().__init__()
-        self.mha = nn.MultiheadAttention(10, 2, batch_first=batch_first, add_bias_kv=add_bias_kv, **mha_kwargs)
-        self.lin0 = nn.Linear(10, 2)
-        self.sm = nn.LogSoftmax(dim=-1)
-
-    def forward(self, X, key_padding_mask=None, need_weights=True):
-        X = X.to(self.lin0.weight.dtype)
-        X, weights = self.mha(X, X, X, key_padding_mask=key_padding_mask, need_weights=need_weights)
-        return self.sm(self.lin0(X)), weights
 
 
 def make_base(variant: str = "peft", dtype: torch.dtype = torch.float64) -> tuple[nn.Module, dict]:

@@ -50,6 +50,21 @@ class EmbedConv1D(nn.Module):
         return self.c_proj(torch.tanh(self.c_fc(self.emb(ids))))
 
 
+class ModelMha(nn.Module):
+    """peft's ModelMha, with the variants' options; returns (log-probs, attention weights or None)."""
+
+    def __init__(self, batch_first: bool = False, add_bias_kv: bool = False, **mha_kwargs):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(10, 2, batch_first=batch_first, add_bias_kv=add_bias_kv, **mha_kwargs)
+        self.lin0 = nn.Linear(10, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, X, key_padding_mask=None, need_weights=True):
+        X = X.to(self.lin0.weight.dtype)
+        X, weights = self.mha(X, X, X, key_padding_mask=key_padding_mask, need_weights=need_weights)
+        return self.sm(self.lin0(X)), weights
+
+
 class ConvNet(nn.Module):
     """Conv1d/Conv2d/Conv3d with stride, padding, dilation, groups and padding modes."""
 
@@ -71,10 +86,12 @@ class ConvNet(nn.Module):
 
 def build(kind: str, seed: int = 0, **overrides) -> nn.Module:
     """A tiny model by name: llama, gpt2, opt, qwen2, phi3, t5, bert (real MiniLM weights),
-    mlp, embed_conv1d, conv1d, conv2d, conv3d."""
+    mlp, mha (peft's ModelMha), embed_conv1d, conv1d, conv2d, conv3d."""
     torch.manual_seed(seed)
     if kind == "mlp":
         return MLP().eval()
+    if kind == "mha":
+        return ModelMha(**overrides).eval()
     if kind == "embed_conv1d":
         return EmbedConv1D().eval()
     if kind.startswith("conv") and kind[4:5].isdigit():
@@ -112,6 +129,8 @@ def example_inputs(kind: str, model: nn.Module, batch: int = 2, seq: int = 7, se
     g = torch.Generator().manual_seed(seed)
     if kind == "mlp":
         return {"x": torch.randn(batch, 12, generator=g)}
+    if kind == "mha":  # (seq, batch, embed): ModelMha's attention is not batch_first
+        return {"X": torch.randn(seq, batch, 10, generator=g)}
     if kind == "embed_conv1d":
         return {"ids": torch.randint(0, 50, (batch, seq), generator=g)}
     if kind.startswith("conv"):
@@ -125,9 +144,12 @@ def example_inputs(kind: str, model: nn.Module, batch: int = 2, seq: int = 7, se
 
 
 def output_of(result):
-    """The main tensor of a model's output (logits, last hidden state, or the tensor itself)."""
+    """The main tensor of a model's output (logits, last hidden state, the tensor itself, or the
+    first of a tuple's)."""
     if isinstance(result, torch.Tensor):
         return result
+    if isinstance(result, tuple) and result and isinstance(result[0], torch.Tensor):
+        return result[0]
     for key in ("logits", "last_hidden_state"):
         if getattr(result, key, None) is not None:
             return getattr(result, key)
