@@ -108,6 +108,24 @@ def test_rows_match_each_adapter_alone_and_the_loop():
         _assert_rows_match(model, example_inputs("llama", model, batch=len(names)), names)
 
 
+def test_mixed_batches_under_torch_compile_give_the_eager_rows():
+    """Compiled, each row still gets its adapter alone (the stack's cache check and the row
+    grouping run in Python: graph breaks and a recompile per batch composition, docs/guide.md)."""
+    import torch._dynamo
+    model = _llama_with_adapters()
+    compiled = torch.compile(model, backend="aot_eager")
+    try:
+        for names in (NAMES, ["c", "c", "a", "__base__"]):
+            inputs = example_inputs("llama", model, batch=len(names))
+            with minilora.per_sample_adapters(model, names):
+                got = _out(compiled, inputs)
+            refs = {n: _row_reference(model, inputs, n) for n in set(names)}
+            for i, name in enumerate(names):
+                assert _rel(got[i], refs[name][i]) <= FP64_TOL, (names, i, name)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_stack_holds_plain_adapters_with_padding_and_scalings(count_stacks):
     model = _llama_with_adapters()
     layer = model.model.layers[0].mlp.up_proj
