@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from minilora import ops
 from minilora.config import DECOMPOSING_INITS
 from minilora.ops import merge_dtype
-from minilora.tree import AdapterHost
+from minilora.tree import AdapterHost, give_back_parameters, take_parameters
 
 if TYPE_CHECKING:
     from minilora.config import LoraConfig
@@ -155,13 +155,7 @@ class LoraLayer(AdapterHost):
 
     def _take_parameters(self, base: nn.Module) -> None:
         """Register the base's tensors on this layer under their names (``weight``, ``bias``)."""
-        self.weight = base.weight
-        self.register_parameter("bias", getattr(base, "bias", None))
-        # The tensors now live here only: a second reference from base_layer would keep the full
-        # weight alive on every rank after FSDP shards this layer. unwrap puts them back.
-        for tensor_name in ("weight", "bias"):
-            if tensor_name in base._parameters:
-                base._parameters[tensor_name] = None
+        take_parameters(self, base)
 
     # ------------------------------------------------------------ adapters
     @staticmethod
@@ -474,11 +468,7 @@ class LoraLayer(AdapterHost):
     # ------------------------------------------------------------ unload
     def unwrap(self) -> nn.Module:
         """The plain base module, holding this layer's current weight and bias."""
-        base = self.base_layer
-        base.weight = self.weight
-        if self.bias is not None:
-            base.bias = self.bias
-        return base
+        return give_back_parameters(self)
 
     def extra_repr(self) -> str:
         return f"{type(self.base_layer).__name__}, active={list(self.active)}, merged={self.merged}"

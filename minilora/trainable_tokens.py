@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora.ops import merge_dtype
-from minilora.tree import AdapterHost, walk
+from minilora.tree import AdapterHost, give_back_parameters, take_parameters, walk
 
 __all__ = ["TokenRows", "TrainableTokens", "TokenEmbedding", "TokenHead", "token_hosts", "token_host_class"]
 
@@ -63,14 +63,10 @@ class TrainableTokens(AdapterHost):
 
     def __init__(self, base: nn.Module, follows: TrainableTokens | None = None) -> None:
         super().__init__()
-        self.weight = base.weight
-        self.register_parameter("bias", getattr(base, "bias", None))
+        take_parameters(self, base)
         # (after the parameters: __getattr__ reads missing names from base_layer)
         object.__setattr__(self, "base_layer", base)  # kept out of the module tree, as in LoraLayer
         object.__setattr__(self, "follows", follows)
-        for tensor_name in ("weight", "bias"):
-            if tensor_name in base._parameters:
-                base._parameters[tensor_name] = None
         if follows is None:
             self.tokens = nn.ModuleDict()
         else:  # the owner's rows, not registered here: one state-dict key, one parameter
@@ -184,11 +180,7 @@ class TrainableTokens(AdapterHost):
     # ------------------------------------------------------------ unload
     def unwrap(self) -> nn.Module:
         """The plain base module, holding this host's current weight and bias."""
-        base = self.base_layer
-        base.weight = self.weight
-        if self.bias is not None:
-            base.bias = self.bias
-        return base
+        return give_back_parameters(self)
 
     def extra_repr(self) -> str:
         follows = ", tied" if self.follows is not None else ""

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from minilora.rows import RowAdapters
 
-__all__ = ["AdapterHost", "walk", "hosts", "swap", "set_active", "vocabulary_ends", "input_requires_grad"]
+__all__ = ["AdapterHost", "take_parameters", "give_back_parameters", "walk", "hosts", "swap", "set_active",
+           "vocabulary_ends", "input_requires_grad"]
 
 
 class AdapterHost(nn.Module):
@@ -51,6 +52,27 @@ class AdapterHost(nn.Module):
         of their own (``walk`` yields them): the LoRA layer on an ``nn.MultiheadAttention``'s
         ``out_proj``. Their adapters come and go with this host's."""
         return {}
+
+
+def take_parameters(host: nn.Module, base: nn.Module) -> None:
+    """Register ``base``'s ``weight`` and ``bias`` on ``host`` under those names (a host keeps the
+    base layer's parameter names, so state dicts and optimizers see the same keys)."""
+    host.weight = base.weight
+    host.register_parameter("bias", getattr(base, "bias", None))
+    # The tensors now live in the host only: a second reference from the base would keep the full
+    # weight alive on every rank after FSDP shards the host. give_back_parameters puts them back.
+    for tensor_name in ("weight", "bias"):
+        if tensor_name in base._parameters:
+            base._parameters[tensor_name] = None
+
+
+def give_back_parameters(host: nn.Module) -> nn.Module:
+    """The host's ``base_layer`` holding the host's current weight and bias again (for unwrap)."""
+    base = host.base_layer
+    base.weight = host.weight
+    if host.bias is not None:
+        base.bias = host.bias
+    return base
 
 
 def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
