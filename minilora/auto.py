@@ -100,7 +100,12 @@ def _fit_vocabulary(model: nn.Module, folder: str, entries: Mapping[str, TensorE
             model.resize_token_embeddings(size, mean_resizing=False)
     elif os.path.isfile(os.path.join(folder, TOKENIZER_CONFIG)):
         from transformers import AutoTokenizer
-        length = len(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
+        try:
+            length = len(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
+        except (OSError, ValueError) as err:  # what transformers raises for missing or unreadable files
+            raise ValueError(f"the tokenizer saved with adapter {folder!r} ({TOKENIZER_CONFIG}) could not be "
+                             f"loaded: {err}. It gives the vocabulary the adapter was trained with; fix or "
+                             f"remove it (then the base keeps its vocabulary)") from err
         if length > rows:
             model.resize_token_embeddings(length)
 
@@ -132,6 +137,8 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
             folder that is not a transformers model; the adapter does not fit the base (its target
             modules, shapes: ``load_adapter``'s errors, naming the base).
         FileNotFoundError: a base folder that does not exist.
+        ValueError: a tokenizer saved in ``adapter_dir`` that transformers cannot load (when it is
+            asked for the vocabulary size).
         OSError: transformers could not load the base (its message, naming the base).
 
     Returns:

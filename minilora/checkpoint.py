@@ -453,7 +453,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     The adapter is injected as ``adapter_config.json`` says and filled from the weights file. Into
     a base model it becomes the active adapter; into an injected model it is added inactive (see
-    ``set_adapter``). ``is_trainable=False`` loads it for inference (frozen, as peft).
+    ``set_adapter``). ``is_trainable=False`` loads it for inference (frozen, as peft). Base
+    weights of the token embedding and output head in the file (peft's and ``save_adapter``'s
+    ``save_embedding_layers``, for a resized vocabulary) are copied into the base, as peft does.
 
     Everything is checked before the model is touched; on any error the model is exactly as it was.
     The files are untrusted input (see ``minilora.peft_format``); pickle is read only with

@@ -367,3 +367,10 @@ def test_offline_merge_refuses_a_grown_vocabulary_and_the_in_memory_merge_works(
     # fp32 weights W + s·BA round once more than the unmerged forward: a few fp32 ulps (1.2e-7) per
     # length-32 reduction, over two layers
     torch.testing.assert_close(_out(merged, inputs), _out(trained, inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_an_unreadable_tokenizer_is_named(tmp_path):
+    folder, _ = _adapter(tmp_path, _base(tmp_path), task_type="CAUSAL_LM")
+    (folder / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"the tokenizer saved with adapter .* could not be loaded"):
+        minilora.from_pretrained(folder)
