@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from minilora.checkpoint import load_adapter
+from minilora.checkpoint import adapter_folder, load_adapter
 from minilora.model_config import CONFIG_FILE
 from minilora.peft_format import (BASE_WEIGHT_KEYS, CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, WEIGHTS_NAME, TensorEntry,
                                   read_config_file, read_header)
@@ -112,11 +112,14 @@ def _fit_vocabulary(model: nn.Module, folder: str, entries: Mapping[str, TensorE
 
 def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
                     base_model: str | os.PathLike | None = None, adapter_name: str = "default",
-                    is_trainable: bool = False, allow_pickle: bool = False, **from_pretrained_kwargs: Any) -> nn.Module:
+                    is_trainable: bool = False, allow_pickle: bool = False, adapter_revision: str | None = None,
+                    **from_pretrained_kwargs: Any) -> nn.Module:
     """Load the base model an adapter was trained on, then the adapter: peft's
     ``AutoPeftModelFor*.from_pretrained``, returning the transformers model with the adapter injected.
 
-    The base is ``base_model`` if given (a folder or hub id: the recorded path moved), else the
+    ``adapter_dir`` is a folder, or a Hugging Face Hub repository id fetched at
+    ``adapter_revision`` (``checkpoint.adapter_folder``; ``revision`` in
+    ``from_pretrained_kwargs`` is the base model's). The base is ``base_model`` if given (a folder or hub id: the recorded path moved), else the
     ``base_model_name_or_path`` of ``adapter_dir/adapter_config.json`` (read and validated as
     ``load_adapter`` reads it). It is loaded with ``auto_class.from_pretrained(base,
     **from_pretrained_kwargs)``: ``dtype``, ``device_map``, ``quantization_config`` (QLoRA), ... pass
@@ -132,7 +135,8 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
     larger (``trust_remote_code`` from ``from_pretrained_kwargs`` applies to it).
 
     Raises:
-        AdapterFileError: the adapter folder's config or weights (as ``load_adapter``).
+        AdapterFileError: the adapter folder's config or weights (as ``load_adapter``); an adapter
+            id neither on disk nor on the Hub.
         ValueError: no base path recorded nor given; no task_type and no ``auto_class``; a base
             folder that is not a transformers model; the adapter does not fit the base (its target
             modules, shapes: ``load_adapter``'s errors, naming the base).
@@ -144,7 +148,7 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
     Returns:
         The base model with the adapter loaded (active; frozen unless ``is_trainable``).
     """
-    folder = os.fspath(adapter_dir)
+    folder = adapter_folder(adapter_dir, adapter_revision, allow_pickle)
     config, _ = read_config_file(folder)
     base = _base_location(folder, config.base_model_name_or_path, base_model)
     weights = os.path.join(folder, WEIGHTS_NAME)

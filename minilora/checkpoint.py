@@ -36,7 +36,8 @@ from minilora.peft_format import (BASE_WEIGHT_KEYS, CONFIG_NAME, DIGEST_KEY, FAC
                                   read_config_file, read_header, read_json, read_tensor, safetensors_bytes)
 
 __all__ = ["AdapterFileError", "save_adapter", "load_adapter", "adapter_state_dict", "gather_tensors",
-           "LoadPlan", "plan_load", "meta_clone", "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX"]
+           "LoadPlan", "plan_load", "meta_clone", "adapter_folder", "HUB_FILES", "CONFIG_NAME", "WEIGHTS_NAME",
+           "PICKLE_NAME", "PEFT_PREFIX"]
 
 
 # ---------------------------------------------------------------- which tensor goes where
@@ -425,12 +426,51 @@ class LoadPlan:
     base_keys: list[str]  # keys of ``values`` that are base weights (peft's save_embedding_layers)
 
 
-def plan_load(dry: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
-              is_trainable: bool = False, allow_pickle: bool = False) -> LoadPlan:
-    """Read and check an adapter folder by injecting it into ``dry``, a ``meta_clone`` of the
-    model it is meant for (so the expected shapes come from the code that will build it). The
-    validation behind ``load_adapter`` and ``hotswap_adapter``; raises as ``load_adapter`` does."""
+#: What an adapter repository on the Hub is fetched for: its config and weights, and a tokenizer
+#: saved with it (``from_pretrained`` reads its size). The pickle only with ``allow_pickle``.
+HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
+             "merges.txt", "*.model")
+
+
+def _looks_local(path: str) -> bool:
+    # A repo id is "name" or "owner/name": anything else, or anything on disk, is a path.
+    return os.path.exists(path) or os.path.isabs(path) or path.startswith(("./", "../", "~")) \
+        or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
+
+
+def adapter_folder(path: str | os.PathLike, revision: str | None = None, allow_pickle: bool = False) -> str:
+    """The local folder of an adapter: ``path`` itself when it is on disk or looks like a path;
+    else ``path`` is a Hugging Face Hub repository id ("owner/name"), whose adapter files
+    (``HUB_FILES``) are fetched at ``revision`` by ``huggingface_hub``, the cache first
+    (``HF_HUB_OFFLINE=1``: only the cache). Nothing is read here: the folder is checked as any.
+
+    Raises:
+        AdapterFileError: not on disk, and not a repository the Hub (or the cache) has.
+        ValueError: a ``revision`` with a local path.
+    """
     folder = os.fspath(path)
+    if _looks_local(folder):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} picks a version of a Hugging Face Hub repository, but "
+                             f"{folder!r} is a local path; drop revision=")
+        return folder  # a missing folder is named by the reader
+    try:
+        from huggingface_hub import snapshot_download
+        patterns = [*HUB_FILES, PICKLE_NAME] if allow_pickle else list(HUB_FILES)
+        return snapshot_download(folder, revision=revision, allow_patterns=patterns)
+    except Exception as err:  # huggingface_hub's errors: not found, offline, invalid id, HTTP
+        at = f" at revision {revision!r}" if revision else ""
+        raise AdapterFileError(f"adapter {folder!r} is not a local folder, and the Hugging Face Hub repository of "
+                               f"that id{at} could not be read ({type(err).__name__}: {err})") from None
+
+
+def plan_load(dry: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
+              is_trainable: bool = False, allow_pickle: bool = False, revision: str | None = None) -> LoadPlan:
+    """Read and check an adapter folder (``adapter_folder``: a path or Hub id) by injecting it
+    into ``dry``, a ``meta_clone`` of the model it is meant for (so the expected shapes come from
+    the code that will build it). The validation behind ``load_adapter`` and
+    ``hotswap_adapter``; raises as ``load_adapter`` does."""
+    folder = adapter_folder(path, revision, allow_pickle)
     config, config_data = read_config_file(folder)
     config = config.replace(inference_mode=not is_trainable)
     file_path, tensors = _weights(folder, config_data, allow_pickle)
@@ -448,8 +488,11 @@ def plan_load(dry: nn.Module, path: str | os.PathLike, adapter_name: str = "defa
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                 is_trainable: bool = False, *, allow_pickle: bool = False) -> nn.Module:
+                 is_trainable: bool = False, *, allow_pickle: bool = False, revision: str | None = None) -> nn.Module:
     """Load a peft-format adapter folder into ``model`` (a base model, or one with adapters).
+
+    ``path`` is a folder, or a Hugging Face Hub repository id fetched at ``revision`` as
+    ``adapter_folder`` says (as peft's ``PeftModel.from_pretrained`` accepts one).
 
     The adapter is injected as ``adapter_config.json`` says and filled from the weights file. Into
     a base model it becomes the active adapter; into an injected model it is added inactive (see
@@ -474,7 +517,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     Returns:
         The same model object.
     """
-    plan = plan_load(meta_clone(model), path, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle)
+    plan = plan_load(meta_clone(model), path, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle,
+                     revision=revision)
     # inject draws the new factors at random before they are overwritten: keep the caller's streams
     with torch.random.fork_rng(devices=sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})):
         inject(model, plan.config, adapter_name=adapter_name)
