@@ -28,7 +28,8 @@ NUMERIC_TESTS := tests/test_equivalence_peft.py tests/test_distributed.py tests/
 	tests/test_dora_norm.py tests/test_dora_peft.py tests/test_dora_adapters.py \
 	tests/test_cli_merge_dora.py tests/test_qlora.py tests/test_hotswap.py tests/test_multi_lora.py \
 	tests/test_target_parameters.py tests/test_param_delta.py tests/test_cli_merge_params.py \
-	tests/test_trainable_tokens.py tests/test_mha.py tests/test_offline_merge_equality.py
+	tests/test_trainable_tokens.py tests/test_mha.py tests/test_offline_merge_equality.py \
+	tests/test_from_pretrained.py tests/test_hub_adapters.py
 OTHER_SUMS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 OMP_NUM_THREADS=1
 
 test: $(VENV)/.installed
