@@ -119,9 +119,9 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
 
     ``adapter_dir`` is a folder, or a Hugging Face Hub repository id fetched at
     ``adapter_revision`` (``checkpoint.adapter_folder``; ``revision`` in
-    ``from_pretrained_kwargs`` is the base model's). The base is ``base_model`` if given (a folder or hub id: the recorded path moved), else the
-    ``base_model_name_or_path`` of ``adapter_dir/adapter_config.json`` (read and validated as
-    ``load_adapter`` reads it). It is loaded with ``auto_class.from_pretrained(base,
+    ``from_pretrained_kwargs`` is the base model's). The base is ``base_model`` if given (a
+    folder or hub id: the recorded path moved), else the ``base_model_name_or_path`` of
+    ``adapter_dir/adapter_config.json`` (read and validated as ``load_adapter`` reads it). It is loaded with ``auto_class.from_pretrained(base,
     **from_pretrained_kwargs)``: ``dtype``, ``device_map``, ``quantization_config`` (QLoRA), ... pass
     through. ``auto_class`` defaults to the class for the config's ``task_type``
     (``AUTO_CLASSES``: CAUSAL_LM -> AutoModelForCausalLM, ...). A recorded ``revision`` is passed on
@@ -139,10 +139,9 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
             id neither on disk nor on the Hub.
         ValueError: no base path recorded nor given; no task_type and no ``auto_class``; a base
             folder that is not a transformers model; the adapter does not fit the base (its target
-            modules, shapes: ``load_adapter``'s errors, naming the base).
+            modules, shapes: ``load_adapter``'s errors, naming the base); a tokenizer saved in
+            ``adapter_dir`` that transformers cannot load (when it is asked for the vocabulary size).
         FileNotFoundError: a base folder that does not exist.
-        ValueError: a tokenizer saved in ``adapter_dir`` that transformers cannot load (when it is
-            asked for the vocabulary size).
         OSError: transformers could not load the base (its message, naming the base).
 
     Returns:

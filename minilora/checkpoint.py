@@ -301,8 +301,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     """Write adapters in peft's format: ``"default"`` into ``path``, any other into ``path/<name>``;
     ``adapter_name=None`` saves every adapter of the model.
 
-    ``save_embedding_layers``: also write the base weights of LoRA-adapted token embeddings and
-    output heads, as ``adapter_state_dict`` says ("auto": when the vocabulary was resized).
+    ``save_embedding_layers``: also write the base weights of the token embedding and output
+    head, as ``adapter_state_dict`` says ("auto": when the vocabulary was resized).
 
     A folder never loads as a mix of two saves: the files are written by ``atomic.write_files``
     (weights renamed before config), and the weights carry a digest of their config, which
