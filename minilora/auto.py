@@ -123,10 +123,10 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
     folder or hub id: the recorded path moved), else the ``base_model_name_or_path`` of
     ``adapter_dir/adapter_config.json`` (read and validated as ``load_adapter`` reads it). It is
     loaded with ``auto_class.from_pretrained(base, **from_pretrained_kwargs)``: ``dtype``,
-    ``device_map``, ``quantization_config`` (QLoRA), ... pass through. ``auto_class`` defaults to the class for the config's ``task_type``
-    (``AUTO_CLASSES``: CAUSAL_LM -> AutoModelForCausalLM, ...). A recorded ``revision`` is passed on
-    when the recorded base is used. A hub id downloads as transformers does; ``HF_HUB_OFFLINE=1``
-    forbids it.
+    ``device_map``, ``quantization_config`` (QLoRA), ... pass through. ``auto_class`` defaults to
+    the class for the config's ``task_type`` (``AUTO_CLASSES``: CAUSAL_LM ->
+    AutoModelForCausalLM, ...). A recorded ``revision`` is passed on when the recorded base is
+    used. A hub id downloads as transformers does; ``HF_HUB_OFFLINE=1`` forbids it.
 
     Where the adapter was trained on a resized vocabulary, the base's token embeddings are resized
     before the adapter loads: to the row count of the adapter's embedding tensors (a
