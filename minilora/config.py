@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,12 +13,26 @@ from typing import Any, NoReturn, Union
 from minilora.matching import matches_name, pattern_key
 from minilora.patterns import PatternError, compile_pattern
 
-__all__ = ["LoraConfig", "INIT_SCHEMES", "DECOMPOSING_INITS", "BIAS_MODES", "RANK_LIMIT", "ALPHA_LIMIT"]
+__all__ = ["LoraConfig", "INIT_SCHEMES", "pissa_iterations", "decomposes", "BIAS_MODES", "RANK_LIMIT",
+           "ALPHA_LIMIT"]
 
-#: Accepted ``init_lora_weights`` values (``True`` is peft's kaiming-uniform default).
-INIT_SCHEMES = ("gaussian", True, False, "pissa", "olora")
-#: the init schemes that decompose the base weight and leave a residual in it.
-DECOMPOSING_INITS = ("pissa", "olora")
+#: Accepted ``init_lora_weights`` values (``True`` is peft's kaiming-uniform default), and
+#: ``"pissa_niter_<n>"``: PiSSA from a randomized SVD with n subspace iterations.
+INIT_SCHEMES = ("gaussian", True, False, "pissa", "olora", "orthogonal")
+# peft takes any count; four digits bound the time a config from a file can ask for.
+_PISSA_NITER = re.compile(r"pissa_niter_([0-9]{1,4})")
+
+
+def pissa_iterations(init: Any) -> int | None:
+    """The n of ``init_lora_weights="pissa_niter_<n>"``, else None."""
+    match = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    return int(match.group(1)) if match else None
+
+
+def decomposes(init: Any) -> bool:
+    """Whether ``init_lora_weights`` takes the factors from the base weight and leaves the
+    residual in it: pissa, pissa_niter_<n>, olora."""
+    return (isinstance(init, str) and init in ("pissa", "olora")) or pissa_iterations(init) is not None
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
               "FEATURE_EXTRACTION")
@@ -109,8 +124,11 @@ class LoraConfig:
             adapted layers).
         use_rslora: rank-stabilised scaling lora_alpha / sqrt(r).
         init_lora_weights: ``"gaussian"`` (A ~ N(0, 1/r²), B = 0), ``True`` (A kaiming-uniform,
-            B = 0; peft's default), ``False`` (both random: not a no-op), ``"pissa"``, ``"olora"``
-            (factors from the base weight's SVD / QR; the base keeps the residual).
+            B = 0; peft's default), ``False`` (both random: not a no-op), ``"pissa"``,
+            ``"pissa_niter_<n>"``, ``"olora"`` (factors from the base weight's SVD, randomized SVD
+            with n subspace iterations, or QR; the base keeps the residual), ``"orthogonal"`` (A
+            and B random from orthogonal halves of one random basis, so BA = 0; even r, linear
+            layers).
         layers_to_transform: layer index or indices to adapt (list targets only).
         layers_pattern: the name before the layer index, e.g. ``"layers"`` or ``"h"``.
         rank_pattern: ``{name regex: r}`` overrides per module (first match wins).
@@ -153,13 +171,13 @@ class LoraConfig:
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
     target_parameters: list[str] | None = None
-    # peft's fields for features minilora does not implement, at their "off" value (see the docstring).
     use_dora: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    # peft's fields for features minilora does not implement, at their "off" value (see the docstring).
     use_qalora: bool = False
     loftq_config: dict[str, Any] = field(default_factory=dict)
     megatron_config: dict[str, Any] | None = None
     layer_replication: list[Any] | None = None
-    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     eva_config: Any = None
     corda_config: Any = None
     lora_ga_config: Any = None
@@ -213,8 +231,10 @@ class LoraConfig:
         if self.bias not in BIAS_MODES:
             _fail("bias", self.bias, f"allowed values are {BIAS_MODES}")
         init = self.init_lora_weights
-        if not any(init is s if isinstance(s, bool) else init == s for s in INIT_SCHEMES):
-            _fail("init_lora_weights", init, f"allowed values are {INIT_SCHEMES}")
+        if not any(init is s if isinstance(s, bool) else init == s for s in INIT_SCHEMES) \
+                and pissa_iterations(init) is None:
+            _fail("init_lora_weights", init, f"allowed values are {INIT_SCHEMES}, or 'pissa_niter_<n>' (n subspace "
+                                             "iterations, up to 9999)")
         self._validate_layers()
         self._validate_tokens()
         for name, ok, kind in (("rank_pattern", _rank_ok, f"an integer rank from 1 to {RANK_LIMIT}"),
@@ -250,15 +270,19 @@ class LoraConfig:
             return
         # A parameter's LoRA changes the weight the module's forward reads: there is no branch input
         # to drop out, no layout flag to honour, no bias slot and no per-output norm (as in peft).
-        for name, on, why in (
-                ("lora_dropout", self.lora_dropout != 0, "dropout needs a separate LoRA branch input; set it to 0"),
-                ("fan_in_fan_out", self.fan_in_fan_out, "the layout is read from the parameter; set it to False"),
-                ("lora_bias", self.lora_bias, "a parameter has no bias to pair with B; set it to False"),
-                ("use_dora", self.use_dora, "DoRA is not defined on parameters; set it to False"),
-                ("init_lora_weights", self.init_lora_weights in DECOMPOSING_INITS,
-                 "pissa/olora decompose a module's weight; use True, False or 'gaussian'")):
+        # peft runs pissa/olora/orthogonal on a parameter only where it is a module's 2-D ``weight``
+        # (its code reads ``base_layer.weight``); here they are refused on every parameter.
+        for name, on, peft, why in (
+                ("lora_dropout", self.lora_dropout != 0, True, "dropout needs a separate LoRA branch input; set it to 0"),
+                ("fan_in_fan_out", self.fan_in_fan_out, True, "the layout is read from the parameter; set it to False"),
+                ("lora_bias", self.lora_bias, True, "a parameter has no bias to pair with B; set it to False"),
+                ("use_dora", self.use_dora, True, "DoRA is not defined on parameters; set it to False"),
+                ("init_lora_weights", decomposes(self.init_lora_weights) or self.init_lora_weights == "orthogonal",
+                 False, "pissa/olora decompose a module's weight and orthogonal splits one rank's basis, which an "
+                        "expert stack's factors do not have; use True, False or 'gaussian'")):
             if on:
-                _fail(name, getattr(self, name), f"it does not work with target_parameters (as in peft): {why}, "
+                _fail(name, getattr(self, name), f"it does not work with target_parameters{' (as in peft)' * peft}: "
+                                                 f"{why}, "
                                                  "or adapt those layers through target_modules")
 
     def _validate_peft_fields(self) -> None:

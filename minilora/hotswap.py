@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from minilora.adapters import delete_adapter
 from minilora.checkpoint import LoadPlan, meta_clone, plan_load
-from minilora.config import DECOMPOSING_INITS, RANK_LIMIT, LoraConfig
+from minilora.config import RANK_LIMIT, LoraConfig, decomposes
 from minilora.inject import lora_layers, require_state
 from minilora.layers import LoraLayer
 from minilora.merge import mergeable
@@ -140,7 +140,7 @@ def _check_configs(where: str, old: LoraConfig, new: LoraConfig, adapter_name: s
         if config.bias != "none":
             raise ValueError(f"{where}: the {which} has bias={config.bias!r}: it trains the base model's biases, "
                              "which a swap can neither undo nor keep apart; use load_adapter / delete_adapter")
-        if config.init_lora_weights in DECOMPOSING_INITS:
+        if decomposes(config.init_lora_weights):
             raise ValueError(f"{where}: the {which} has init_lora_weights={config.init_lora_weights!r}, which "
                              "rewrites the base weight when it is loaded; a swap cannot; use load_adapter")
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import torch.nn as nn
 
-from minilora.config import DECOMPOSING_INITS, LoraConfig
+from minilora.config import LoraConfig, decomposes
 from minilora.layers import (SUPPORTED_TYPES, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear,
                              LoraMultiheadAttention, lora_layer_class, unsupported_reason)
 from minilora.matching import closest_names, is_target, matches_name, unmatched_targets
@@ -290,10 +290,15 @@ def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, ma
             raise ValueError(f"use_dora=True on {name!r}, a {type(base).__name__}: DoRA over a quantized base is not "
                              "supported by minilora; use plain LoRA (use_dora=False) there, or exclude it")
         r, alpha = config.rank_and_alpha(name)
-        if config.init_lora_weights in DECOMPOSING_INITS:
+        if decomposes(config.init_lora_weights):
             _check_decomposable(name, module, cls, r, config.init_lora_weights)
             if isinstance(module, LoraLayer):
                 rewritten.append((name, sorted(module.adapters)))
+        if config.init_lora_weights == "orthogonal" and (not issubclass(cls, LoraLinear) or r % 2):
+            found = f"has r={r}, which is odd" if issubclass(cls, LoraLinear) else f"is of type {type(base).__name__}"
+            raise ValueError(f"init_lora_weights='orthogonal' splits one random r x r basis into two halves, one "
+                             f"for A and one for B, so it needs an even r and a linear layer (as in peft); target "
+                             f"{name!r} {found}. Use an even r (rank_pattern for that layer) or another init")
         if config.lora_bias and cls is LoraEmbedding:  # peft cannot load such an adapter
             raise ValueError(f"lora_bias=True is not supported for embeddings (as in peft), but target {name!r} is "
                              "an Embedding; exclude it or set lora_bias=False")

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora import ops
-from minilora.config import DECOMPOSING_INITS
+from minilora.config import decomposes, pissa_iterations
 from minilora.ops import merge_dtype
 from minilora.tree import AdapterHost, give_back_parameters, take_parameters
 
@@ -181,7 +181,7 @@ class LoraLayer(AdapterHost):
         adapter.train(self.training)
         self.adapters[name] = adapter
         if not adapter.lora_A.is_meta:  # meta tensors hold no values: nothing to initialise
-            _INIT[init if isinstance(init, str) else bool(init)](self, adapter)
+            _scheme(init)(self, adapter)
             if use_dora:  # m starts at ‖W + sBA‖ (after pissa/olora moved W), so DoRA starts as LoRA
                 with torch.no_grad():
                     adapter.magnitude.copy_(self.dora_direct_norm(adapter, self.weight.detach()))
@@ -866,12 +866,18 @@ def _base_matrix(layer: LoraLayer, scheme: str) -> torch.Tensor:
     return weight.T if layer.transposed else weight
 
 
-def _init_pissa(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    # Principal singular directions go into the adapter; the base keeps the residual.
+def _init_pissa(layer: LoraLayer, adapter: LoraAdapter, niter: int | None = None) -> None:
+    # Principal singular directions go into the adapter; the base keeps the residual. With niter,
+    # the r leading ones of a randomized SVD (torch.svd_lowrank, peft's "pissa_niter_<n>").
     weight = _base_matrix(layer, "pissa")
-    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-    root = torch.sqrt(S[: adapter.r] / adapter.scaling)
-    _set_factors_and_residual(layer, adapter, root[:, None] * Vh[: adapter.r], U[:, : adapter.r] * root, weight)
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        U, S, Vh = U[:, : adapter.r], S[: adapter.r], Vh[: adapter.r]
+    else:
+        U, S, V = torch.svd_lowrank(weight, adapter.r, niter=niter)
+        Vh = V.T
+    root = torch.sqrt(S / adapter.scaling)
+    _set_factors_and_residual(layer, adapter, root[:, None] * Vh, U * root, weight)
 
 
 def _init_olora(layer: LoraLayer, adapter: LoraAdapter) -> None:
@@ -885,6 +891,18 @@ def _init_olora(layer: LoraLayer, adapter: LoraAdapter) -> None:
     _set_factors_and_residual(layer, adapter, A, B, weight)
 
 
+def _init_orthogonal(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    # A from the even rows of one random orthogonal r x r basis, B from the odd ones: their rows
+    # are orthogonal, so B A = 0 and the adapter starts as a no-op with neither factor zero (peft's
+    # scheme, its random draws in its order; inject checks r is even and the layer linear).
+    half = adapter.r // 2
+    Q, _ = torch.linalg.qr(torch.randn(adapter.r, adapter.r))
+    (_, n_in), (n_out, _) = adapter.lora_A.shape, adapter.lora_B.shape
+    with torch.no_grad():
+        adapter.lora_A.copy_(torch.randn(n_in, half).mm(Q[0::2]).T / 10)
+        adapter.lora_B.copy_(torch.randn(half, n_out).T.mm(Q[1::2]) / 10)
+
+
 def _set_factors_and_residual(layer, adapter, A, B, weight):
     with torch.no_grad():
         adapter.lora_A.copy_(A)
@@ -895,16 +913,24 @@ def _set_factors_and_residual(layer, adapter, A, B, weight):
 
 _INIT: dict[bool | str, Callable[[LoraLayer, LoraAdapter], None]] = {
     True: _init_default, "gaussian": functools.partial(_init_default, gaussian=True), False: _init_random,
-    "pissa": _init_pissa, "olora": _init_olora,
+    "pissa": _init_pissa, "olora": _init_olora, "orthogonal": _init_orthogonal,
 }
+
+
+def _scheme(init: bool | str) -> Callable[[LoraLayer, LoraAdapter], None]:
+    niter = pissa_iterations(init)
+    if niter is not None:
+        return functools.partial(_init_pissa, niter=niter)
+    return _INIT[init if isinstance(init, str) else bool(init)]
 
 
 def init_adapter(adapter: LoraAdapter, init: bool | str) -> None:
     """Initialise the factors of an adapter shaped like a linear layer's (A the large factor) by
-    scheme ``init``: True, "gaussian" or False; the schemes that read a base weight need a layer."""
-    if init in DECOMPOSING_INITS:
+    scheme ``init``: True, "gaussian", False or "orthogonal"; the schemes that read a base weight
+    need a layer."""
+    if decomposes(init):
         raise ValueError(f"init_lora_weights={init!r} decomposes a layer's weight; init_adapter has none")
-    _INIT[init if isinstance(init, str) else bool(init)](LoraLinear, adapter)  # reads init_on_A only
+    _scheme(init)(LoraLinear, adapter)  # reads init_on_A only
 
 
 # ---------------------------------------------------------------- which layer for which module

@@ -108,10 +108,25 @@ def _peft_and_ours(kind, targets, init, r=4, alpha=8):
     return base, ours, pm
 
 
+@pytest.fixture
+def seeded_svd_lowrank(monkeypatch):
+    """torch.svd_lowrank draws its random basis from the global generator, which peft and minilora
+    advance differently while building layers; reseeded at each call, both get the same draws."""
+    import peft.tuners.lora.layer as peft_layer
+    real = torch.svd_lowrank
+
+    def seeded(A, q=6, niter=2, M=None):
+        torch.manual_seed(1234)
+        return real(A, q=q, niter=niter, M=M)
+
+    monkeypatch.setattr(torch, "svd_lowrank", seeded)
+    monkeypatch.setattr(peft_layer, "svd_lowrank", seeded)
+
+
 @pytest.mark.parametrize("kind,targets", [("llama", ["q_proj", "v_proj", "gate_proj", "down_proj"]),
                                           ("gpt2", ["c_attn", "c_fc"]), ("mlp", ["lin0", "lin1", "head"])])
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_pissa_olora_residual_plus_adapter_is_the_original(kind, targets, init):
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_pissa_olora_residual_plus_adapter_is_the_original(kind, targets, init, seeded_svd_lowrank):
     if (kind, init) == ("gpt2", "olora"):
         return _check_olora_conv1d()
     base, ours, pm = _peft_and_ours(kind, targets, init)
@@ -264,3 +279,73 @@ def test_pissa_olora_on_a_layer_with_merged_adapters_refused(init):
                                          r"minilora\.unmerge\(model\) first"):
         minilora.inject(ours, targets=["q_proj"], r=2, init_lora_weights=init, adapter_name="p")
     assert_unchanged(ours, before)
+
+
+# ---------------------------------------------------------------- orthogonal
+def test_orthogonal_init_draws_peft_s_factors():
+    """The same generator state gives peft's factors exactly (its draws, in its order)."""
+    from minilora.layers import init_adapter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(build("mlp"), peft.LoraConfig(target_modules=["lin0"], r=6,
+                                                               init_lora_weights="orthogonal"))
+    theirs = pm.base_model.model.lin0
+    ours = _adapter(minilora.inject(build("mlp"), targets=["lin0"], r=6, init_lora_weights="orthogonal"), "lin0")
+    torch.manual_seed(7)
+    theirs.orthogonal_init("default")
+    torch.manual_seed(7)
+    init_adapter(ours, "orthogonal")
+    assert torch.equal(ours.lora_A, theirs.lora_A["default"].weight)
+    assert torch.equal(ours.lora_B, theirs.lora_B["default"].weight)
+
+
+@pytest.mark.parametrize("kind,targets", [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"])])
+def test_orthogonal_init_is_a_no_op_with_both_factors_random(kind, targets):
+    base = build(kind)
+    inputs = example_inputs(kind, base)
+    torch.manual_seed(0)
+    model = minilora.inject(copy.deepcopy(base), targets=targets, r=8, init_lora_weights="orthogonal")
+    for name, layer in lora_layers(model):
+        ad = layer.adapters["default"]
+        assert ad.lora_A.abs().max() > 0.01 and ad.lora_B.abs().max() > 0.01, name
+        # B A = R2ᵀ (Q_odd Q_evenᵀ) R1ᵀ / 100 with Q's rows orthonormal to fp32 rounding: each entry
+        # is below ‖B row‖·‖A column‖·‖Q_odd Q_evenᵀ‖, and that norm below r·2⁻²³ for a QR of r x r.
+        # A and B from the same half would give ‖B row‖·‖A column‖ itself.
+        bound = 8 * 2.0**-23 * ad.lora_B.norm(dim=1).max() * ad.lora_A.norm(dim=0).max()
+        assert (ad.lora_B @ ad.lora_A).abs().max() <= bound, name
+    with torch.no_grad():  # the outputs move by those products only: far below fp32 rounding of O(1) logits
+        torch.testing.assert_close(output_of(model(**inputs)), output_of(base(**inputs)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("targets, r, rank_pattern, message", [
+    (["lin0"], 3, {}, r"target 'lin0' has r=3, which is odd"),
+    (["lin0", "lin1"], 4, {"lin1": 5}, r"target 'lin1' has r=5, which is odd"),
+])
+def test_orthogonal_init_needs_even_ranks(targets, r, rank_pattern, message):
+    model = build("mlp")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"init_lora_weights='orthogonal' .* needs an even r .*" + message):
+        minilora.inject(model, targets=targets, r=r, rank_pattern=rank_pattern, init_lora_weights="orthogonal")
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kind, target, found", [("conv2d", "conv0", "Conv2d"), ("llama", "model.embed_tokens",
+                                                                                  "Embedding")])
+def test_orthogonal_init_needs_linear_layers(kind, target, found):
+    model = build(kind)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"needs an even r and a linear layer .*target '{target}' is of type {found}"):
+        minilora.inject(model, targets=[target], r=4, init_lora_weights="orthogonal")
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "orthogonal"])
+def test_new_inits_are_refused_on_parameters(init):
+    with pytest.raises(ValueError, match="init_lora_weights.*does not work with target_parameters"):
+        minilora.LoraConfig(target_parameters=["experts.down_proj"], init_lora_weights=init)
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_", "pissa_niter_-1", "pissa_niter_12345", "PISSA", "orthogonal "])
+def test_bad_init_names_are_refused_with_the_choices(init):
+    with pytest.raises(ValueError, match=r"allowed values are .*'orthogonal'.*'pissa_niter_<n>'"):
+        minilora.LoraConfig(init_lora_weights=init)
