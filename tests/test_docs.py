@@ -38,3 +38,39 @@ def test_makefile_has_the_readme_targets():
     makefile = _read("Makefile")
     for target in ("test", "demo"):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a markdown heading: lower case, punctuation but - and _ dropped, spaces
+    to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path):
+    with open(path) as f:
+        headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", f.read(), flags=re.M)
+    seen, anchors = {}, set()
+    for heading in headings:  # GitHub numbers repeated headings: x, x-1, x-2
+        slug = _slug(heading)
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_relative_links_in_the_docs_resolve():
+    pages = ["README.md"] + [os.path.join("docs", n) for n in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                             if n.endswith(".md")]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", _read(page), flags=re.S)  # links inside code blocks are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            file, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), file)) if file else \
+                os.path.join(ROOT, page)
+            if not os.path.exists(path):
+                broken.append(f"{page}: {target} (no such file)")
+            elif anchor and path.endswith(".md") and anchor not in _anchors(path):
+                broken.append(f"{page}: {target} (no such heading)")
+    assert broken == [], "\n".join(broken)
