@@ -340,8 +340,11 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
         first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
         if first is not None and (first.dim() == 0 or first.shape[0] != len(names)):
             found = "a scalar" if first.dim() == 0 else f"a batch of {first.shape[0]} rows"
+            k = first.shape[0] // len(names) if first.dim() and first.shape[0] % len(names) == 0 else 0
+            hint = (f" (generate with num_beams or num_return_sequences = {k} repeats each row {k} times in place: "
+                    f"give each name {k} times, [n for n in names for _ in range({k})])") if k > 1 else ""
             raise ValueError(f"per_sample_adapters got {len(names)} adapter names but the model input is {found}; "
-                             "give exactly one name per row")
+                             f"give exactly one name per row{hint}")
 
     modules = [host for _, host in hosts(model)]
     before = [m.row_adapters for m in modules]

@@ -438,3 +438,28 @@ def test_layer_gpu_takes_the_kernels_by_default(dtype):
         assert ops.backend_for_rows(x, x[:, :48], stack, "torch") == "torch"
     assert ops.backend_for_rows(x, x[:, :48], stack) == "torch"  # gradients on: no kernels
     check_layer_through_kernels(dtype, "cuda")
+
+
+def test_generate_with_a_mixed_batch_gives_each_rows_own_generation():
+    """Greedy and beam-search generation (the KV cache's one-token steps) in one mixed batch give
+    each row the tokens that adapter alone generates. generate repeats each row per beam in place,
+    so each name is given once per beam; one name per prompt is refused with that hint."""
+    # float64: a row's logits in the batch and alone differ by rounding only (~1e-15 relative), far
+    # below any gap between the two largest logits that greedy or beam choices compare
+    model = _llama_with_adapters()
+    ids = torch.tensor([[5, 9, 13, 2], [7, 7, 1, 30], [3, 4, 5, 6], [9, 8, 7, 6]])
+    names = ["a", "c", "__base__", "e"]  # e (lora_bias) takes the loop beside the stack
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)  # no early EOS
+    for beams in (1, 2):
+        with torch.no_grad(), minilora.per_sample_adapters(model, [n for n in names for _ in range(beams)]):
+            mixed = model.generate(ids, num_beams=beams, **settings)
+        for i, name in enumerate(names):
+            alone = with_adapter(model, name, lambda: model.generate(ids[i:i + 1], num_beams=beams, **settings))
+            assert torch.equal(mixed[i], alone[0]), (beams, name)
+        others = {n: with_adapter(model, n, lambda: model.generate(ids[:1], num_beams=beams, **settings))[0]
+                  for n in names}  # control: the adapters steer the first prompt to different tokens
+        assert len({tuple(t.tolist()) for t in others.values()}) == len(names)
+    with torch.no_grad(), minilora.per_sample_adapters(model, names):
+        with pytest.raises(ValueError, match=r"batch of 8 rows.*num_beams or num_return_sequences = 2.*give each "
+                                             r"name 2 times"):
+            model.generate(ids, num_beams=2, **settings)
