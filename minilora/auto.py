@@ -17,14 +17,18 @@ import torch.nn as nn
 
 from minilora.checkpoint import adapter_folder, load_adapter
 from minilora.model_config import CONFIG_FILE
-from minilora.peft_format import (BASE_WEIGHT_KEYS, CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, WEIGHTS_NAME, TensorEntry,
-                                  read_config_file, read_header)
+from minilora.peft_format import (BASE_WEIGHT_KEYS, CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME,
+                                  TensorEntry, read_config_file, read_header)
 from minilora.tree import vocabulary_ends
 
-__all__ = ["from_pretrained", "AUTO_CLASSES", "TOKENIZER_CONFIG"]
+__all__ = ["from_pretrained", "AUTO_CLASSES", "TOKENIZER_CONFIG", "MAX_TOKENIZER_BYTES"]
 
 #: A tokenizer saved beside the adapter (transformers' ``save_pretrained`` writes this file).
 TOKENIZER_CONFIG = "tokenizer_config.json"
+#: The most a tokenizer's files may hold before ``from_pretrained`` reads them (an adapter folder
+#: is untrusted input): the largest real ones (tokenizer.json of 250k-token vocabularies) are
+#: tens of MiB.
+MAX_TOKENIZER_BYTES = 512 << 20
 
 #: peft's task_type -> the transformers auto class that builds a model with that head.
 AUTO_CLASSES = {
@@ -100,6 +104,12 @@ def _fit_vocabulary(model: nn.Module, folder: str, entries: Mapping[str, TensorE
             model.resize_token_embeddings(size, mean_resizing=False)
     elif os.path.isfile(os.path.join(folder, TOKENIZER_CONFIG)):
         from transformers import AutoTokenizer
+        size = sum(entry.stat().st_size for entry in os.scandir(folder)
+                   if entry.is_file() and entry.name not in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME))
+        if size > MAX_TOKENIZER_BYTES:
+            raise ValueError(f"the files beside the adapter in {folder!r} hold {size / 2**20:.1f} MiB, more than "
+                             f"any tokenizer ({MAX_TOKENIZER_BYTES / 2**20:.0f} MiB at most); its {TOKENIZER_CONFIG} "
+                             "is not read. Remove what does not belong to the adapter or its tokenizer")
         try:
             length = len(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
         except (OSError, ValueError) as err:  # what transformers raises for missing or unreadable files
@@ -140,7 +150,8 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
         ValueError: no base path recorded nor given; no task_type and no ``auto_class``; a base
             folder that is not a transformers model; the adapter does not fit the base (its target
             modules, shapes: ``load_adapter``'s errors, naming the base); a tokenizer saved in
-            ``adapter_dir`` that transformers cannot load (when it is asked for the vocabulary size).
+            ``adapter_dir`` that transformers cannot load, or whose folder holds more than
+            ``MAX_TOKENIZER_BYTES`` (when it is asked for the vocabulary size).
         FileNotFoundError: a base folder that does not exist.
         OSError: transformers could not load the base (its message, naming the base).
 

@@ -374,3 +374,14 @@ def test_an_unreadable_tokenizer_is_named(tmp_path):
     (folder / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"the tokenizer saved with adapter .* could not be loaded"):
         minilora.from_pretrained(folder)
+
+
+def test_an_oversized_tokenizer_folder_is_not_read(tmp_path, monkeypatch):
+    import minilora.auto
+    folder, _ = _adapter(tmp_path, _base(tmp_path), task_type="CAUSAL_LM")
+    _tokenizer(folder, 80)
+    monkeypatch.setattr(minilora.auto, "MAX_TOKENIZER_BYTES", 100)  # the real bound is 512 MiB of files
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("the tokenizer was read")))
+    with pytest.raises(ValueError, match=r"hold [0-9.]+ MiB, more than any tokenizer .*is not read"):
+        minilora.from_pretrained(folder)
