@@ -390,3 +390,23 @@ def test_peak_memory_is_far_below_checkpoint_size(tmp_path):
     ref = (w + 2.0 * B @ A)
     assert (got.double() - ref).abs().max() <= 2 ** -8 * ref.abs().max()  # one bf16 rounding
     assert not torch.equal(got, w.to(torch.bfloat16))
+
+
+def test_token_rows_of_a_backbone_adapter_follow_the_mapped_prefix(tmp_path):
+    """LoRA and token rows trained on LlamaModel (``embed_tokens``), merged into a LlamaForCausalLM
+    checkpoint (``model.embed_tokens``): the rows go where the LoRA modules' mapping says."""
+    full = tiny_llama(False)
+    full.save_pretrained(tmp_path / "base")
+    backbone = minilora.inject(copy.deepcopy(full.model), target_modules=["q_proj"], trainable_token_indices=[3, 5])
+    tm.randomize_adapters(backbone)
+    rows = backbone.embed_tokens.tokens["default"].delta
+    with torch.no_grad():
+        rows.copy_(torch.randn(rows.shape, generator=torch.Generator().manual_seed(0)))
+    save_adapter(backbone, tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
+    got = folder_tensors(tmp_path / "out")
+    merged = minilora.merge_and_unload(backbone).state_dict()
+    for key in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.1.self_attn.q_proj.weight"):
+        assert torch.equal(got["model." + key], merged[key]), key
+    assert torch.equal(got["model.embed_tokens.weight"][[3, 5]], rows.detach())
+    assert torch.equal(got["lm_head.weight"], full.lm_head.weight)
