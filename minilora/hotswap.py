@@ -93,8 +93,9 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
 
     Raises:
         AdapterFileError: as ``load_adapter`` (missing or corrupt files, missing or unexpected
-            keys, wrong shapes or dtypes, non-finite values, ...), and for a file that also holds
-            base weights (peft's ``save_embedding_layers``).
+            keys, wrong shapes or dtypes, non-finite values, ...).
+        ValueError: the file also holds base weights (``save_embedding_layers``) other than the
+            model's (equal ones are accepted: adapters trained on one resized vocabulary).
         ValueError: no such adapter, or one merged into the weights; the new adapter does not fit
             the model (as ``load_adapter``), touches a layer or modules_to_save module the current
             one does not, needs more rank than ``prepare_for_hotswap`` made room for, differs in
@@ -118,9 +119,14 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
     plan = plan_load(dry, path, adapter_name, is_trainable=not old.inference_mode, allow_pickle=allow_pickle)
     where = f"hotswap_adapter({os.fspath(path)!r})"
     _check_configs(where, old, plan.config, adapter_name)
-    if plan.base_keys:
-        raise ValueError(f"{where}: the file also holds base weights ({plan.base_keys[0]!r}, peft's "
-                         "save_embedding_layers); a swap replaces adapter weights only: use load_adapter")
+    # Adapters trained on one resized vocabulary each carry the same base rows (save_embedding_layers):
+    # those the model holds already are no change; others would be (a swap replaces adapter weights only).
+    tensors = inner.state_dict(keep_vars=True)
+    changed = [k for k in plan.base_keys
+               if not torch.equal(plan.values[k], tensors[k].detach().to(plan.values[k].device))]
+    if changed:
+        raise ValueError(f"{where}: the file also holds base weights ({changed[0]!r}, peft's save_embedding_layers) "
+                         "that differ from the model's; a swap replaces adapter weights only: use load_adapter")
     current = {n: h for n, h in hosts(inner) if adapter_name in h.adapter_modules()}
     fresh = {n: h for n, h in hosts(plan.dry) if adapter_name in h.adapter_modules()}
     _check_hosts(where, adapter_name, current, fresh)

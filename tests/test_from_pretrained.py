@@ -4,6 +4,7 @@ Everything is local (``save_pretrained`` into tmp_path); HF_HUB_OFFLINE=1 forbid
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -385,3 +386,31 @@ def test_an_oversized_tokenizer_folder_is_not_read(tmp_path, monkeypatch):
                         classmethod(lambda *a, **k: pytest.fail("the tokenizer was read")))
     with pytest.raises(ValueError, match=r"hold [0-9.]+ MiB, more than any tokenizer .*is not read"):
         minilora.from_pretrained(folder)
+
+
+def test_hotswap_between_adapters_of_one_grown_vocabulary(tmp_path):
+    """Adapters trained on the same grown vocabulary carry the same base rows: a swap accepts them
+    (they change nothing); base rows that differ from the model's are refused, the model unchanged."""
+    from tiny_models import assert_unchanged, snapshot
+    base = _base(tmp_path)
+    grown = transformers.AutoModelForCausalLM.from_pretrained(base)
+    grown.resize_token_embeddings(72)
+    trained = []
+    for name, seed in (("first", 3), ("second", 4)):
+        model = minilora.inject(copy.deepcopy(grown), targets=["q_proj", "v_proj"], r=4, lora_alpha=8,
+                                task_type="CAUSAL_LM")
+        randomize_adapters(model, seed=seed)
+        minilora.save_adapter(model, tmp_path / name)
+        trained.append(model)
+    inputs = {"input_ids": torch.tensor([[70, 3, 65, 64, 12, 66]])}
+    model = minilora.prepare_for_hotswap(minilora.from_pretrained(tmp_path / "first"), target_rank=4)
+    minilora.hotswap_adapter(model, tmp_path / "second")
+    torch.testing.assert_close(_out(model, inputs), _out(trained[1], inputs), rtol=0, atol=0)
+    other = copy.deepcopy(trained[1])
+    with torch.no_grad():
+        other.get_input_embeddings().weight[70] += 1  # another model's new rows
+    minilora.save_adapter(other, tmp_path / "other")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"base weights \('model.embed_tokens.weight'.* differ from the model's"):
+        minilora.hotswap_adapter(model, tmp_path / "other")
+    assert_unchanged(model, before)
