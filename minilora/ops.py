@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -78,28 +78,34 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return (result + lora_branch(x, A, B, scaling, dropout_p, training)).to(result.dtype)
 
 
-def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None,
-                rank: int = 1) -> str:
-    """Which path ``lora_linear`` takes for these tensors: "torch" or "triton"."""
+def _choose(backend: str | None, usable: Callable[[], bool], what: str, needs: str) -> str:
+    """"torch" or "triton": ``backend`` or the global switch, "triton" only where ``usable()``.
+    Forcing "triton" where it is not usable raises, naming what the kernels need."""
     choice = backend or _backend
     if choice not in _BACKENDS:
         raise ValueError(f"MINILORA_BACKEND / backend must be one of {_BACKENDS}, got {choice!r}")
     if choice == "torch":
         return "torch"
+    ok = usable()
+    if choice == "triton" and not ok:
+        raise RuntimeError(f"backend 'triton' was forced{what} but cannot run here: it needs {needs}, and an "
+                           "importable triton (pip install minilora[triton])")
+    return "triton" if ok else "torch"
+
+
+def backend_for(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None,
+                rank: int = 1) -> str:
+    """Which path ``lora_linear`` takes for these tensors: "torch" or "triton"."""
     # The kernels compute in the base dtype and treat the base weight as frozen. The custom op has
     # no autocast rule: under autocast to another dtype they would silently compute in the model's.
     device = x.device.type
-    usable = (x.is_cuda and weight.dtype in kernels.COMPUTE_DTYPES
-              and x.dtype == weight.dtype and not weight.requires_grad and rank <= kernels.MAX_RANK
-              and not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != weight.dtype)
-              and kernels.available())  # finds triton without importing it
-    if choice == "triton" and not usable:
-        raise RuntimeError(
-            "backend 'triton' was forced but cannot run here: it needs x on a CUDA device, x and a frozen "
-            "(requires_grad=False) weight of one dtype among fp16/bf16/fp32 (and, inside autocast, the "
-            f"autocast dtype), a rank of at most {kernels.MAX_RANK}, and an importable triton (pip install "
-            "minilora[triton])")
-    return "triton" if usable else "torch"
+    return _choose(backend, lambda: (
+        x.is_cuda and weight.dtype in kernels.COMPUTE_DTYPES and x.dtype == weight.dtype and not weight.requires_grad
+        and rank <= kernels.MAX_RANK
+        and not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != weight.dtype)
+        and kernels.available()),  # finds triton without importing it
+        "", "x on a CUDA device, x and a frozen (requires_grad=False) weight of one dtype among "
+        f"fp16/bf16/fp32 (and, inside autocast, the autocast dtype), a rank of at most {kernels.MAX_RANK}")
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -215,22 +221,12 @@ def multi_lora_reference(x: torch.Tensor, stack: StackedLora, where: RowSlots) -
 
 def backend_for_rows(x: torch.Tensor, y: torch.Tensor, stack: StackedLora, backend: str | None = None) -> str:
     """Which path ``multi_lora_add`` takes: "torch" or "triton" (same switches as ``backend_for``)."""
-    choice = backend or _backend
-    if choice not in _BACKENDS:
-        raise ValueError(f"MINILORA_BACKEND / backend must be one of {_BACKENDS}, got {choice!r}")
-    if choice == "torch":
-        return "torch"
     # The kernels write into y in place and have no backward: inference only.
-    usable = (x.is_cuda and x.dtype == y.dtype and x.dtype in kernels.COMPUTE_DTYPES
-              and stack.A.shape[1] <= kernels.MAX_RANK and not torch.is_grad_enabled()
-              and kernels.available())
-    if choice == "triton" and not usable:
-        raise RuntimeError(
-            "backend 'triton' was forced for a mixed batch but cannot run here: it needs x on a CUDA device, x "
-            "and the base output of one dtype among fp16/bf16/fp32, ranks of at most "
-            f"{kernels.MAX_RANK}, gradients off (torch.no_grad() or torch.inference_mode()), and an "
-            "importable triton (pip install minilora[triton])")
-    return "triton" if usable else "torch"
+    return _choose(backend, lambda: (
+        x.is_cuda and x.dtype == y.dtype and x.dtype in kernels.COMPUTE_DTYPES
+        and stack.A.shape[1] <= kernels.MAX_RANK and not torch.is_grad_enabled() and kernels.available()),
+        " for a mixed batch", "x on a CUDA device, x and the base output of one dtype among fp16/bf16/fp32, "
+        f"ranks of at most {kernels.MAX_RANK}, gradients off (torch.no_grad() or torch.inference_mode())")
 
 
 def multi_lora_add(y: torch.Tensor, x: torch.Tensor, stack: StackedLora, where: RowSlots,
