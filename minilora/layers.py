@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from minilora import ops
 from minilora.config import decomposes, pissa_iterations
 from minilora.ops import merge_dtype
-from minilora.tree import AdapterHost, give_back_parameters, take_parameters
+from minilora.tree import AdapterHost, give_back_parameters, merged_while_disabled, take_parameters
 
 if TYPE_CHECKING:
     from minilora.config import LoraConfig
@@ -247,8 +247,7 @@ class LoraLayer(AdapterHost):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             if self.merged:
-                raise RuntimeError(f"adapters {self.merged} are merged into this layer's weight, so they "
-                                   "cannot be disabled; unmerge(model) first")
+                raise merged_while_disabled(self.merged)
             return self.base_forward(x)
         if self.row_adapters is not None:
             return self._forward_rows(x)
@@ -804,8 +803,7 @@ class LoraMultiheadAttention(LoraLayer):
         """``layer``'s weight plus its live adapters, added and rounded as ``merged_weights`` does."""
         if self.disabled:
             if layer.merged:
-                raise RuntimeError(f"adapters {layer.merged} are merged into this layer's weight, so they "
-                                   "cannot be disabled; unmerge(model) first")
+                raise merged_while_disabled(layer.merged)
             return layer.weight
         weight = layer.weight
         for name in layer._live:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from minilora import ops
 from minilora.layers import LoraAdapter, init_adapter
 from minilora.ops import merge_dtype
-from minilora.tree import AdapterHost, walk
+from minilora.tree import AdapterHost, merged_while_disabled, walk
 
 __all__ = ["LoraParams", "param_hosts", "parameter_problem", "factor_shapes", "stack_transposed"]
 
@@ -118,8 +118,7 @@ class LoraParams(AdapterHost):
                              "whole module, so it cannot give each row its own adapter (as in peft); run one adapter "
                              "per batch with set_adapter")
         if self.disabled and self.merged:
-            raise RuntimeError(f"adapters {self.merged} are merged into these parameters, so they cannot be "
-                               "disabled; unmerge(model) first")
+            raise merged_while_disabled(self.merged)
         live = () if self.disabled else tuple(n for n in self.active if n not in self.merged)
         lent = dict(self._parameters)
         for name in self.targets if live else ():

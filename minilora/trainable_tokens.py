@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora.ops import merge_dtype
-from minilora.tree import AdapterHost, give_back_parameters, take_parameters, walk
+from minilora.tree import AdapterHost, give_back_parameters, merged_while_disabled, take_parameters, walk
 
 __all__ = ["TokenRows", "TrainableTokens", "TokenEmbedding", "TokenHead", "token_hosts", "token_host_class"]
 
@@ -98,8 +98,7 @@ class TrainableTokens(AdapterHost):
         out = self.base_forward(x)
         if self.disabled:
             if self.merged:
-                raise RuntimeError(f"token rows of {self.merged} are merged into the weight, so they cannot be "
-                                   "disabled; unmerge(model) first")
+                raise merged_while_disabled(self.merged)
             return out
         if self.row_adapters is not None:
             return self._forward_rows(x, out)

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from minilora.rows import RowAdapters
 
-__all__ = ["AdapterHost", "take_parameters", "give_back_parameters", "walk", "hosts", "swap", "set_active",
-           "vocabulary_ends", "input_requires_grad"]
+__all__ = ["AdapterHost", "take_parameters", "give_back_parameters", "merged_while_disabled", "walk", "hosts",
+           "swap", "set_active", "vocabulary_ends", "input_requires_grad"]
 
 
 class AdapterHost(nn.Module):
@@ -73,6 +73,13 @@ def give_back_parameters(host: nn.Module) -> nn.Module:
     if host.bias is not None:
         base.bias = host.bias
     return base
+
+
+def merged_while_disabled(merged: list[str]) -> RuntimeError:
+    """The error of a host's forward with adapters disabled while ``merged`` are in its weights
+    (merged inside ``disable_adapters``): the plain module's output is no longer there to give."""
+    return RuntimeError(f"adapters {merged} are merged into the weights, so they cannot be disabled; call "
+                        "minilora.unmerge(model) first (or merge outside disable_adapters)")
 
 
 def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -246,6 +246,28 @@ def test_disable_while_merged_is_refused():
     assert not model[0].disabled
 
 
+@pytest.mark.parametrize("kind, config", [
+    ("mlp", dict(target_modules=["lin0"])),
+    ("llama", dict(target_modules=["q_proj"], trainable_token_indices=[3, 5])),  # token rows run first
+    ("mha", dict(target_modules=["mha"])),
+    ("mlp", dict(target_modules=[], target_parameters=["lin0.weight"])),
+])
+def test_merging_inside_disable_adapters_then_running_is_refused_by_every_host(kind, config):
+    """Inside disable_adapters the plain module's output is asked for; merged adapters took it
+    away, so each kind of host refuses with one message, and runs again once unmerged."""
+    model = minilora.inject(build(kind), minilora.LoraConfig(**config, init_lora_weights=False))
+    inputs = example_inputs(kind, model)
+    with torch.no_grad():
+        with minilora.disable_adapters(model):
+            plain = output_of(model(**inputs))
+            minilora.merge(model)
+            with pytest.raises(RuntimeError, match=r"adapters \['default'\] are merged into the weights, so they "
+                                                   r"cannot be disabled; call minilora.unmerge\(model\) first"):
+                model(**inputs)
+            minilora.unmerge(model)  # W + delta - delta in fp32: a rounding of |W + delta| per weight
+            torch.testing.assert_close(output_of(model(**inputs)), plain, rtol=1e-5, atol=1e-6)
+
+
 def test_merge_on_a_model_without_adapters_is_refused():
     model = build("mlp")
     with pytest.raises(ValueError, match=r"merge: this model has no minilora adapters; call minilora\.inject"):
