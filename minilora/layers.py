@@ -792,12 +792,9 @@ class LoraMultiheadAttention(LoraLayer):
         self.base_layer.train(mode)
         return super().train(mode)
 
-    def factor_shapes(self, r):
-        out_features, in_features = self.in_proj_weight.shape
-        return (r, in_features), (out_features, r)
-
-    def delta_weight(self, adapter):
-        return ops.lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling, merge_dtype(self.weight.dtype))
+    # in_proj_weight (3E, E) is a Linear's (out, in) weight: the same factors and delta
+    factor_shapes = LoraLinear.factor_shapes
+    delta_weight = LoraLinear.delta_weight
 
     def _run_weight(self, layer: LoraLayer) -> torch.Tensor:
         """``layer``'s weight plus its live adapters, added and rounded as ``merged_weights`` does."""
