@@ -396,15 +396,21 @@ def _plan_modules_to_save(modules, names, save_names, config, chosen, notes) -> 
     return save
 
 
+def _weight_sharers(modules: list[tuple[str, nn.Module]]) -> dict[int, list[str]]:
+    """id of each ``weight`` Parameter -> the modules holding it (several: tied embeddings). A LoRA
+    layer holds its base weight itself (base_layer keeps hyper-parameters only)."""
+    sharers: dict[int, list[str]] = {}
+    for name, module in modules:
+        weight = getattr(module, "weight", None) if name else None
+        if isinstance(weight, nn.Parameter):
+            sharers.setdefault(id(weight), []).append(name)
+    return sharers
+
+
 def _tied_groups(modules, save: list[str], lora_names: set[str]) -> list[list[str]]:
     """Groups of modules sharing their ``weight`` with a modules_to_save module (tied input and
     output embeddings): they all get wrapped and share one trainable copy, so they stay tied."""
-    owners: dict[int, list[str]] = {}
-    for name, module in modules:
-        # A LoRA layer holds its base weight itself (base_layer keeps hyper-parameters only).
-        weight = getattr(module, "weight", None) if name else None
-        if isinstance(weight, nn.Parameter):
-            owners.setdefault(id(weight), []).append(name)
+    owners = _weight_sharers(modules)
     groups = []
     for name in save:
         module = dict(modules)[name]
@@ -474,11 +480,7 @@ def _plan_tokens(model: nn.Module, modules: list[tuple[str, nn.Module]], config:
         if isinstance(module, TrainableTokens) and module.follows is not None:
             owner = next(n for n, m in modules if m is module.follows)
             named.setdefault(owner, named[name])
-    sharing: dict[int, list[str]] = {}  # weight Parameter -> the modules holding it
-    for n, m in modules:
-        weight = getattr(m, "weight", None) if n else None
-        if isinstance(weight, nn.Parameter):
-            sharing.setdefault(id(weight), []).append(n)
+    sharing = _weight_sharers(modules)
     owners: list[_Tokens] = []
     followers: list[_Tokens] = []
     for name, indices in named.items():
