@@ -341,8 +341,9 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
         if first is not None and (first.dim() == 0 or first.shape[0] != len(names)):
             found = "a scalar" if first.dim() == 0 else f"a batch of {first.shape[0]} rows"
             k = first.shape[0] // len(names) if first.dim() and first.shape[0] % len(names) == 0 else 0
-            hint = (f" (generate with num_beams or num_return_sequences = {k} repeats each row {k} times in place: "
-                    f"give each name {k} times, [n for n in names for _ in range({k})])") if k > 1 else ""
+            hint = (f" (if this is generate with num_beams or num_return_sequences = {k}, which repeats each row "
+                    f"{k} times in place, give each name {k} times: [n for n in names for _ in range({k})])"
+                    if k > 1 else "")
             raise ValueError(f"per_sample_adapters got {len(names)} adapter names but the model input is {found}; "
                              f"give exactly one name per row{hint}")
 

@@ -8,26 +8,29 @@ whose vocabulary the adapter outgrew (tokens added before training) is resized f
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-from minilora.checkpoint import adapter_folder, load_adapter
+from minilora.checkpoint import TOKENIZER_FILES, adapter_folder, load_adapter
 from minilora.model_config import CONFIG_FILE
-from minilora.peft_format import (BASE_WEIGHT_KEYS, CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME,
-                                  TensorEntry, read_config_file, read_header)
+from minilora.peft_format import (BASE_WEIGHT_KEYS, CONFIG_NAME, FACTOR_KEYS, PEFT_PREFIX, WEIGHTS_NAME, TensorEntry,
+                                  read_config_file, read_header)
 from minilora.tree import vocabulary_ends
 
 __all__ = ["from_pretrained", "AUTO_CLASSES", "TOKENIZER_CONFIG", "MAX_TOKENIZER_BYTES"]
 
 #: A tokenizer saved beside the adapter (transformers' ``save_pretrained`` writes this file).
 TOKENIZER_CONFIG = "tokenizer_config.json"
-#: The most a tokenizer's files may hold before ``from_pretrained`` reads them (an adapter folder
-#: is untrusted input): the largest real ones (tokenizer.json of 250k-token vocabularies) are
-#: tens of MiB.
+#: The most a tokenizer's files (``TOKENIZER_FILES``) may hold before ``from_pretrained`` reads
+#: them (an adapter folder is untrusted input): the largest real ones (tokenizer.json of
+#: 250k-token vocabularies) are tens of MiB.
 MAX_TOKENIZER_BYTES = 512 << 20
 
 #: peft's task_type -> the transformers auto class that builds a model with that head.
@@ -72,20 +75,26 @@ def _name_of(model: nn.Module, module: nn.Module | None) -> str | None:
     return next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
 
 
-def _trained_vocab(model: nn.Module, entries: Mapping[str, TensorEntry]) -> int | None:
+def _trained_vocab(model: nn.Module, entries: Mapping[str, TensorEntry]) -> tuple[int | None, list[str]]:
     """The vocabulary size the adapter's embedding tensors (``entries``: its file's header) were
-    trained with, or None when it holds none or they disagree (``load_adapter`` then names the misfit)."""
-    sizes = set()
+    trained with, or None when it holds none or they disagree (``load_adapter`` then names the
+    misfit); and the vocabulary ends (embedding, head) whose rows the file does not hold."""
+    sizes, without_rows = set(), []
+    ends = vocabulary_ends(model)
     factors = ((FACTOR_KEYS[True]["lora_A"], 1), (FACTOR_KEYS[False]["lora_B"], 0))  # (r, vocab), (vocab, r)
-    for module, factor in zip(vocabulary_ends(model), factors):
+    for i, (module, (factor, axis)) in enumerate(zip(ends, factors)):
         name = _name_of(model, module)
-        # the weight (modules_to_save's copy, or save_embedding_layers' base weight), and the LoRA
-        # factor along the vocabulary
-        for suffix, axis in (*((key, 0) for key in BASE_WEIGHT_KEYS.values()), factor):
-            entry = entries.get(f"{PEFT_PREFIX}{name}.{suffix}") if name is not None else None
-            if entry is not None and len(entry.shape) == 2:
-                sizes.add(entry.shape[axis])
-    return sizes.pop() if len(sizes) == 1 else None
+        if name is None:
+            continue
+        # the weight (a modules_to_save copy, or save_embedding_layers' base weight under any wrapper)
+        rows = [entries.get(f"{PEFT_PREFIX}{name}.{suffix}") for suffix in BASE_WEIGHT_KEYS.values()]
+        rows = [e.shape[0] for e in rows if e is not None and len(e.shape) == 2]
+        lora = entries.get(f"{PEFT_PREFIX}{name}.{factor}")
+        sizes.update(rows + ([lora.shape[axis]] if lora is not None and len(lora.shape) == 2 else []))
+        tied = i == 1 and ends[0] is not None and getattr(module, "weight", None) is getattr(ends[0], "weight", 0)
+        if not rows and not tied:
+            without_rows.append(name)
+    return (sizes.pop() if len(sizes) == 1 else None), without_rows
 
 
 def _fit_vocabulary(model: nn.Module, folder: str, entries: Mapping[str, TensorEntry], trust_remote_code: bool) -> None:
@@ -93,23 +102,33 @@ def _fit_vocabulary(model: nn.Module, folder: str, entries: Mapping[str, TensorE
 
     The adapter's own embedding tensors give the size exactly, larger or smaller. Without them, a
     tokenizer saved beside the adapter that is larger than the embedding grows it, as peft's
-    ``AutoPeftModel`` does (new rows initialised by transformers' mean resizing)."""
+    ``AutoPeftModel`` does (new rows initialised by transformers' mean resizing). New rows the
+    file does not hold are random (a warning names them); the caller's random streams are kept."""
     embedding = vocabulary_ends(model)[0]
     if not callable(getattr(model, "resize_token_embeddings", None)) or embedding is None:
         return
     rows = embedding.weight.shape[0]
-    size = _trained_vocab(model, entries)
+    size, without_rows = _trained_vocab(model, entries)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     if size is not None:
-        if size != rows:  # every new row is overwritten by the adapter's values: skip the mean
+        if size == rows:
+            return
+        if size > rows and without_rows:
+            warnings.warn(f"adapter {folder!r} was trained on a vocabulary of {size} tokens, {size - rows} more than "
+                          f"the base's, but holds no values for the new rows of {without_rows}: they are random "
+                          "here, so outputs on the new tokens differ from the trained model's (save the adapter with "
+                          "save_embedding_layers=True, or train those rows: modules_to_save, trainable_token_indices)",
+                          stacklevel=3)
+        with torch.random.fork_rng(devices=devices):  # rows the file holds are overwritten: no mean needed
             model.resize_token_embeddings(size, mean_resizing=False)
     elif os.path.isfile(os.path.join(folder, TOKENIZER_CONFIG)):
         from transformers import AutoTokenizer
-        size = sum(entry.stat().st_size for entry in os.scandir(folder)
-                   if entry.is_file() and entry.name not in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME))
-        if size > MAX_TOKENIZER_BYTES:
-            raise ValueError(f"the files beside the adapter in {folder!r} hold {size / 2**20:.1f} MiB, more than "
-                             f"any tokenizer ({MAX_TOKENIZER_BYTES / 2**20:.0f} MiB at most); its {TOKENIZER_CONFIG} "
-                             "is not read. Remove what does not belong to the adapter or its tokenizer")
+        nbytes = sum(entry.stat().st_size for entry in os.scandir(folder)
+                     if entry.is_file() and any(fnmatch.fnmatch(entry.name, p) for p in TOKENIZER_FILES))
+        if nbytes > MAX_TOKENIZER_BYTES:
+            raise ValueError(f"the tokenizer files beside the adapter in {folder!r} hold {nbytes / 2**20:.1f} MiB, "
+                             f"more than any tokenizer ({MAX_TOKENIZER_BYTES / 2**20:.0f} MiB at most); they are not "
+                             "read. Remove them, or what else their names match")
         try:
             length = len(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
         except (OSError, ValueError) as err:  # what transformers raises for missing or unreadable files
@@ -117,7 +136,8 @@ def _fit_vocabulary(model: nn.Module, folder: str, entries: Mapping[str, TensorE
                              f"loaded: {err}. It gives the vocabulary the adapter was trained with; fix or "
                              f"remove it (then the base keeps its vocabulary)") from err
         if length > rows:
-            model.resize_token_embeddings(length)
+            with torch.random.fork_rng(devices=devices):
+                model.resize_token_embeddings(length)
 
 
 def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
@@ -150,7 +170,7 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
         ValueError: no base path recorded nor given; no task_type and no ``auto_class``; a base
             folder that is not a transformers model; the adapter does not fit the base (its target
             modules, shapes: ``load_adapter``'s errors, naming the base); a tokenizer saved in
-            ``adapter_dir`` that transformers cannot load, or whose folder holds more than
+            ``adapter_dir`` that transformers cannot load, or whose files hold more than
             ``MAX_TOKENIZER_BYTES`` (when it is asked for the vocabulary size).
         FileNotFoundError: a base folder that does not exist.
         OSError: transformers could not load the base (its message, naming the base).

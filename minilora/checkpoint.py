@@ -36,8 +36,8 @@ from minilora.peft_format import (BASE_WEIGHT_KEYS, CONFIG_NAME, DIGEST_KEY, FAC
                                   read_config_file, read_header, read_json, read_tensor, safetensors_bytes)
 
 __all__ = ["AdapterFileError", "save_adapter", "load_adapter", "adapter_state_dict", "gather_tensors",
-           "LoadPlan", "plan_load", "meta_clone", "adapter_folder", "HUB_FILES", "CONFIG_NAME", "WEIGHTS_NAME",
-           "PICKLE_NAME", "PEFT_PREFIX"]
+           "LoadPlan", "plan_load", "meta_clone", "adapter_folder", "HUB_FILES", "TOKENIZER_FILES", "CONFIG_NAME",
+           "WEIGHTS_NAME", "PICKLE_NAME", "PEFT_PREFIX"]
 
 
 # ---------------------------------------------------------------- which tensor goes where
@@ -150,24 +150,33 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, str]:
     return {PEFT_PREFIX + k: v for k, v in sorted(slots.items())}
 
 
-def _optional_slots(model: nn.Module) -> dict[str, str]:
-    """Base weights peft may add to a file, accepted on load and copied in as peft does (its
-    ``save_embedding_layers``, e.g. after resizing the vocabulary): those of LoRA-adapted
-    embeddings, and of the token embedding and output head whatever wraps them (LoRA, trainable
-    tokens, nothing; a modules_to_save copy is the adapter's own). File key -> model key."""
+def _vocabulary_weights(model: nn.Module) -> dict[str, str]:
+    """The base weights ``save_embedding_layers`` writes: those of the token embedding and the
+    output head, file key (peft's, for what wraps the module now: LoRA, trainable tokens,
+    nothing) -> model state-dict key. A modules_to_save copy is the adapter's own: not here."""
     ends = [end for end in vocabulary_ends(model) if end is not None]
-    slots = {}
+    weights = {}
     for name, module in model.named_modules():
-        at_end = any(module is end for end in ends)
-        if isinstance(module, LoraEmbedding) or (at_end and isinstance(module, LoraLayer)):
-            wrapper = "lora"
-        elif at_end and not isinstance(module, AdapterHost):
-            wrapper = "plain"
-        elif at_end and isinstance(module, TrainableTokens):
-            wrapper = "tokens"
-        else:
+        if not any(module is end for end in ends):
             continue
-        slots[f"{PEFT_PREFIX}{name}.{BASE_WEIGHT_KEYS[wrapper]}"] = f"{name}.weight"
+        wrapper = ("lora" if isinstance(module, LoraLayer) else "tokens" if isinstance(module, TrainableTokens)
+                   else "plain" if not isinstance(module, AdapterHost) else None)
+        if wrapper is not None:
+            weights[f"{PEFT_PREFIX}{name}.{BASE_WEIGHT_KEYS[wrapper]}"] = f"{name}.weight"
+    return weights
+
+
+def _optional_slots(model: nn.Module) -> dict[str, str]:
+    """Base weights a file may hold beside the adapter, accepted on load and copied in as peft
+    does (``save_embedding_layers``, e.g. after resizing the vocabulary): the token embedding's
+    and output head's under any wrapper's key (a file written while another adapter wrapped the
+    module names it so), and that of any LoRA-adapted embedding. File key -> model key."""
+    slots = {}
+    for key in _vocabulary_weights(model).values():
+        name = key[: -len(".weight")]
+        slots.update({f"{PEFT_PREFIX}{name}.{suffix}": key for suffix in BASE_WEIGHT_KEYS.values()})
+    slots.update({f"{PEFT_PREFIX}{name}.{BASE_WEIGHT_KEYS['lora']}": f"{name}.weight"
+                  for name, layer in lora_layers(model) if isinstance(layer, LoraEmbedding)})
     return slots
 
 
@@ -197,18 +206,13 @@ def _base_vocab(base: str | None) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def _embedding_slots(model: nn.Module, adapter_name: str, save_embedding_layers: bool | str,
-                     base: str | None) -> dict[str, str]:
-    """File key -> model key of the base weights written with ``adapter_name`` (peft's
-    ``save_embedding_layers``): the token embedding's and output head's where this adapter puts
-    LoRA on them or nothing wraps them; always, never, or ("auto") when their vocabulary is not the
-    recorded base's (it was resized)."""
+def _embedding_slots(model: nn.Module, save_embedding_layers: bool | str, base: str | None) -> dict[str, str]:
+    """File key -> model key of the base weights written with an adapter (peft's
+    ``save_embedding_layers``): the token embedding's and output head's, always, never, or
+    ("auto") when their row count is not the recorded base's vocabulary (it was resized)."""
     if save_embedding_layers not in (True, False, "auto"):
         raise ValueError(f"save_embedding_layers={save_embedding_layers!r}: expected True, False or 'auto'")
-    modules = dict(model.named_modules())
-    slots = {k: v for k, v in _optional_slots(model).items()  # those of hosts of other adapters are theirs
-             if not isinstance(host := modules[v.rpartition(".")[0]], AdapterHost)
-             or adapter_name in host.adapter_modules()}
+    slots = _vocabulary_weights(model)
     if save_embedding_layers != "auto" or not slots:
         return slots if save_embedding_layers else {}
     vocab = _base_vocab(base)
@@ -249,17 +253,15 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
             ``save_embedding_layers`` other than True, False or "auto".
     """
     slots = _slots(model, adapter_name)
-    embeddings = _embedding_slots(model, adapter_name, save_embedding_layers,
+    embeddings = _embedding_slots(model, save_embedding_layers,
                                   _base_name(model, lora_state(model).configs[adapter_name]))
     slots.update(embeddings)
     values = gather_tensors(model, dict.fromkeys(slots.values()))
-    layers = dict(lora_layers(model))
-    # A merged LoRA layer's weight holds its deltas: write the weight without them. (Merged token
-    # rows need nothing: loading puts the adapter's rows over them again.)
-    for key in embeddings.values():
-        layer = layers.get(key.rpartition(".")[0])
-        if layer is not None and layer.merged:
-            values[key] = layer.unmerged_weight().detach().to("cpu", copy=True).contiguous()
+    modules = dict(model.named_modules())
+    for key in embeddings.values():  # a weight with merged adapters or rows in it: the weight without them
+        host = modules[key.rpartition(".")[0]]
+        if getattr(host, "merged", None):
+            values[key] = host.unmerged_weight().detach().to("cpu", copy=True).contiguous()
     for name, layer in lora_layers(model):  # factors padded for hot-swapping: the adapter's own rank
         if adapter_name in layer.adapters and layer.rank_room(adapter_name) != layer.adapters[adapter_name].r:
             for param in ("lora_A", "lora_B"):
@@ -367,7 +369,9 @@ def _weights(folder: str, config_data: Mapping[str, Any], allow_pickle: bool) ->
                                                    for k, v in loaded.items()):
             raise AdapterFileError(f"{pickle_path} does not hold a dict of tensors")
         return pickle_path, {k: _FileTensor(v.dtype, v.shape, lambda v=v: v) for k, v in loaded.items()}
-    raise AdapterFileError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter weights are missing")
+    raise AdapterFileError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter weights are missing (an "
+                           f"adapter saved only as {PICKLE_NAME}, a pickle, is read, and fetched from the Hub, only "
+                           "with allow_pickle=True)")
 
 
 def _list(keys: list[str], limit: int = 5) -> str:
@@ -426,10 +430,11 @@ class LoadPlan:
     base_keys: list[str]  # keys of ``values`` that are base weights (peft's save_embedding_layers)
 
 
+#: The files of a tokenizer saved with an adapter (glob patterns, as transformers names them).
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model")
 #: What an adapter repository on the Hub is fetched for: its config and weights, and a tokenizer
 #: saved with it (``from_pretrained`` reads its size). The pickle only with ``allow_pickle``.
-HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
-             "merges.txt", "*.model")
+HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, *TOKENIZER_FILES)
 
 
 def _looks_local(path: str) -> bool:
@@ -482,9 +487,40 @@ def plan_load(dry: nn.Module, path: str | os.PathLike, adapter_name: str = "defa
     except PatternError as err:
         raise AdapterFileError(f"{os.path.join(folder, CONFIG_NAME)}: {err}") from None
     slots, optional = _slots(dry, adapter_name), _optional_slots(dry)
-    checked = _checked_values(file_path, tensors, slots, optional, dry.state_dict(keep_vars=True))
+    expected = dry.state_dict(keep_vars=True)
+    _check_vocabulary(file_path, tensors, {**optional, **slots}, expected, dry)
+    checked = _checked_values(file_path, tensors, slots, optional, expected)
     values = {slots.get(k) or optional[k]: v for k, v in checked.items()}
-    return LoadPlan(config, values, dry, [optional[k] for k in checked if k in optional])
+    base_keys = [optional[k] for k in checked if k in optional]
+    modules = dict(dry.named_modules())
+    merged = {key: getattr(modules[key.rpartition(".")[0]], "merged", None) for key in base_keys}
+    merged = {key: names for key, names in merged.items() if names}
+    if merged:  # copying the base weight in would drop them (and unmerge would then corrupt it)
+        key, names = next(iter(merged.items()))
+        raise ValueError(f"{file_path} holds the base weight {key!r} (save_embedding_layers), but adapters {names} "
+                         "are merged into that weight; call minilora.unmerge(model) first")
+    return LoadPlan(config, values, dry, base_keys)
+
+
+def _check_vocabulary(file_path: str, tensors: Mapping[str, _FileTensor], targets: Mapping[str, str],
+                      expected: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """A tensor of the token embedding or output head that is off along the vocabulary only: the
+    adapter was trained after tokens were added (say so, with the fix, rather than a bare shape)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    names = dict(model.named_modules())
+    ends = {n for n, m in names.items() if any(m is end for end in vocabulary_ends(model) if end is not None)}
+    for key in sorted(k for k in tensors if k in targets):
+        target = targets[key]
+        if not isinstance(vocab, int) or not any(target.startswith(end + ".") for end in ends):
+            continue
+        got, want = tensors[key].shape, tuple(expected[target].shape)
+        off = [d for d in range(len(want)) if len(got) == len(want) and got[d] != want[d]]
+        if len(off) == 1 and want[off[0]] == vocab:
+            size = got[off[0]]
+            raise AdapterFileError(f"{file_path}: {key!r} has shape {list(got)}, but this model needs {list(want)}: "
+                                   f"the adapter was trained on a vocabulary of {size} tokens and this model has "
+                                   f"{vocab}. Resize the model first, model.resize_token_embeddings({size}) "
+                                   "(minilora.from_pretrained does it)")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",

@@ -127,8 +127,8 @@ class LoraConfig:
             B = 0; peft's default), ``False`` (both random: not a no-op), ``"pissa"``,
             ``"pissa_niter_<n>"``, ``"olora"`` (factors from the base weight's SVD, randomized SVD
             with n subspace iterations, or QR; the base keeps the residual), ``"orthogonal"`` (A
-            and B random from orthogonal halves of one random basis, so BA = 0; even r, linear
-            layers).
+            and B random from orthogonal halves of one random basis, so BA = 0; even r; Linear,
+            Conv1D and Embedding layers).
         layers_to_transform: layer index or indices to adapt (list targets only).
         layers_pattern: the name before the layer index, e.g. ``"layers"`` or ``"h"``.
         rank_pattern: ``{name regex: r}`` overrides per module (first match wins).

@@ -294,11 +294,12 @@ def _choose_targets(modules: list[tuple[str, nn.Module]], config: LoraConfig, ma
             _check_decomposable(name, module, cls, r, config.init_lora_weights)
             if isinstance(module, LoraLayer):
                 rewritten.append((name, sorted(module.adapters)))
-        if config.init_lora_weights == "orthogonal" and (not issubclass(cls, LoraLinear) or r % 2):
-            found = f"has r={r}, which is odd" if issubclass(cls, LoraLinear) else f"is of type {type(base).__name__}"
+        matrix = issubclass(cls, (LoraLinear, LoraEmbedding))
+        if config.init_lora_weights == "orthogonal" and (not matrix or r % 2):
+            found = f"has r={r}, which is odd" if matrix else f"is of type {type(base).__name__}"
             raise ValueError(f"init_lora_weights='orthogonal' splits one random r x r basis into two halves, one "
-                             f"for A and one for B, so it needs an even r and a linear layer (as in peft); target "
-                             f"{name!r} {found}. Use an even r (rank_pattern for that layer) or another init")
+                             f"for A and one for B, so it needs an even r and a Linear, Conv1D or Embedding layer; "
+                             f"target {name!r} {found}. Use an even r (rank_pattern for that layer) or another init")
         if config.lora_bias and cls is LoraEmbedding:  # peft cannot load such an adapter
             raise ValueError(f"lora_bias=True is not supported for embeddings (as in peft), but target {name!r} is "
                              "an Embedding; exclude it or set lora_bias=False")

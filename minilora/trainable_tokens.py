@@ -176,6 +176,17 @@ class TrainableTokens(AdapterHost):
                 rows.kept = None
             self.merged.remove(name)
 
+    def unmerged_weight(self) -> torch.Tensor:
+        """The weight without merged rows (the kept ones put back, last merged first), detached."""
+        weight = self.weight.detach()
+        if not self.merged:
+            return weight
+        weight = weight.clone()
+        for name in reversed(self.merged):
+            rows = self.tokens[name]
+            weight.index_copy_(0, rows.indices, rows.kept.to(weight.device))
+        return weight
+
     # ------------------------------------------------------------ unload
     def unwrap(self) -> nn.Module:
         """The plain base module, holding this host's current weight and bias."""

@@ -186,7 +186,9 @@ def _grown(tmp_path, new_rows=8, **fields):
 
 def test_grown_vocabulary_is_read_from_the_adapters_embeddings(tmp_path):
     folder, trained, inputs = _grown(tmp_path, modules_to_save=["embed_tokens", "lm_head"])
-    with pytest.raises(minilora.AdapterFileError, match=r"has shape \(72, 32\), but .* needs \(64, 32\)"):  # two steps
+    with pytest.raises(minilora.AdapterFileError, match=r"has shape \[72, 32\], but this model needs \[64, 32\]: the "
+                                                        r"adapter was trained on a vocabulary of 72 tokens .*"
+                                                        r"model.resize_token_embeddings\(72\)"):  # two steps
         minilora.load_adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base-llama"), folder)
     model = minilora.from_pretrained(folder)
     assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == 72
@@ -214,7 +216,13 @@ def test_grown_vocabulary_from_peft_saved_embedding_layers(tmp_path):
                              task_type="CAUSAL_LM")
     trained = peft.get_peft_model(model, config).eval()
     trained.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
-    model = minilora.from_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"vocabulary of 70 tokens, 6 more .*no values for the new rows of "
+                                         r"\['lm_head'\]: they are random here"):
+        model = minilora.from_pretrained(tmp_path / "adapter")
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))  # the caller's random stream is untouched
     assert model.get_input_embeddings().weight.shape[0] == 70
     inputs = {"input_ids": torch.tensor([[69, 3, 65, 64, 12]])}
     # The untargeted head's 6 new rows are in no file (peft's own reload differs there too)
@@ -381,10 +389,13 @@ def test_an_oversized_tokenizer_folder_is_not_read(tmp_path, monkeypatch):
     import minilora.auto
     folder, _ = _adapter(tmp_path, _base(tmp_path), task_type="CAUSAL_LM")
     _tokenizer(folder, 80)
-    monkeypatch.setattr(minilora.auto, "MAX_TOKENIZER_BYTES", 100)  # the real bound is 512 MiB of files
+    (folder / "optimizer.pt").write_bytes(b"\0" * 5000)  # a Trainer checkpoint's: not the tokenizer's
+    monkeypatch.setattr(minilora.auto, "MAX_TOKENIZER_BYTES", 4000)  # the real bound is 512 MiB of files
+    assert minilora.from_pretrained(folder).get_input_embeddings().weight.shape[0] == 80
+    (folder / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes() + b" " * 5000)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
                         classmethod(lambda *a, **k: pytest.fail("the tokenizer was read")))
-    with pytest.raises(ValueError, match=r"hold [0-9.]+ MiB, more than any tokenizer .*is not read"):
+    with pytest.raises(ValueError, match=r"tokenizer files .* hold [0-9.]+ MiB, more than any tokenizer .*not read"):
         minilora.from_pretrained(folder)
 
 
@@ -413,4 +424,52 @@ def test_hotswap_between_adapters_of_one_grown_vocabulary(tmp_path):
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"base weights \('model.embed_tokens.weight'.* differ from the model's"):
         minilora.hotswap_adapter(model, tmp_path / "other")
+    assert_unchanged(model, before)
+
+
+def _two_adapters_on_a_grown_vocabulary(tmp_path):
+    """A base saved at 64 tokens, grown to 70: adapter "a" with LoRA on embed_tokens and lm_head,
+    adapter "b" on q_proj only (its file gets the grown base rows under a's wrapping keys)."""
+    base = _base(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(70)
+    minilora.inject(model, targets=["embed_tokens", "lm_head"], r=4, adapter_name="a", task_type="CAUSAL_LM")
+    minilora.inject(model, targets=["q_proj"], r=4, adapter_name="b", task_type="CAUSAL_LM")
+    randomize_adapters(model)
+    return model
+
+
+def test_base_rows_are_written_and_read_whatever_wraps_the_embedding(tmp_path):
+    """peft writes the grown rows under the wrapping module's keys (base_layer) when another adapter
+    wraps the embedding; either key form loads into either wrapping, in either order."""
+    model = _two_adapters_on_a_grown_vocabulary(tmp_path)
+    minilora.save_adapter(model, tmp_path / "saved", adapter_name="b")
+    folder = tmp_path / "saved" / "b"
+    assert BASE_KEYS <= _keys(folder)
+    inputs = {"input_ids": torch.tensor([[69, 3, 65, 64, 12, 66]])}
+    minilora.set_adapter(model, "b")
+    want = _out(model, inputs)
+    assert torch.equal(_out(minilora.from_pretrained(folder), inputs), want)  # into the plain embedding
+    other = _two_adapters_on_a_grown_vocabulary(tmp_path / "again")  # into a LoRA-wrapped one, a's values kept
+    minilora.delete_adapter(other, "b")
+    minilora.load_adapter(other, folder, adapter_name="b")
+    minilora.set_adapter(other, "b")
+    assert torch.equal(_out(other, inputs), want)
+    plain, trained, _ = _grown(tmp_path / "plain", new_rows=6)  # written with nothing wrapping the embedding
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= _keys(plain)
+    minilora.load_adapter(other, plain, adapter_name="c")
+    minilora.set_adapter(other, "c")
+    assert torch.equal(_out(other, inputs), _out(trained, inputs))
+
+
+def test_base_rows_are_refused_where_adapters_are_merged_into_them(tmp_path):
+    from tiny_models import assert_unchanged, snapshot
+    model = _two_adapters_on_a_grown_vocabulary(tmp_path)
+    minilora.save_adapter(model, tmp_path / "saved", adapter_name="b")
+    minilora.delete_adapter(model, "b")
+    minilora.merge(model, adapter_names=["a"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"holds the base weight '(lm_head|model.embed_tokens).weight' .*adapters \['a'\] are "
+                                         r"merged into that weight; call minilora.unmerge\(model\) first"):
+        minilora.load_adapter(model, tmp_path / "saved" / "b", adapter_name="b")
     assert_unchanged(model, before)

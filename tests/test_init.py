@@ -329,14 +329,38 @@ def test_orthogonal_init_needs_even_ranks(targets, r, rank_pattern, message):
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("kind, target, found", [("conv2d", "conv0", "Conv2d"), ("llama", "model.embed_tokens",
-                                                                                  "Embedding")])
-def test_orthogonal_init_needs_linear_layers(kind, target, found):
+@pytest.mark.parametrize("kind, target, found", [("conv2d", "conv0", "Conv2d"), ("mha", "mha", "MultiheadAttention")])
+def test_orthogonal_init_needs_matrix_layers(kind, target, found):
     model = build(kind)
     before = snapshot(model)
-    with pytest.raises(ValueError, match=rf"needs an even r and a linear layer .*target '{target}' is of type {found}"):
+    with pytest.raises(ValueError, match=rf"needs an even r and a Linear, Conv1D or Embedding layer; target "
+                                         rf"'{target}' is of type {found}"):
         minilora.inject(model, targets=[target], r=4, init_lora_weights="orthogonal")
     assert_unchanged(model, before)
+
+
+def test_orthogonal_init_on_an_embedding_and_a_peft_file_with_it(tmp_path):
+    """peft gives an Embedding its default init under "orthogonal" (its file keeps the name);
+    minilora gives it the orthogonal halves too (B A = 0, neither zero), and loads peft's file."""
+    model = minilora.inject(build("llama"), targets=["embed_tokens", "q_proj"], r=4, init_lora_weights="orthogonal")
+    ad = _adapter(model, "model.embed_tokens")
+    assert ad.lora_A.abs().max() > 0.01 and ad.lora_B.abs().max() > 0.01
+    bound = 4 * 2.0**-23 * ad.lora_B.norm(dim=1).max() * ad.lora_A.norm(dim=0).max()
+    assert (ad.lora_B @ ad.lora_A).abs().max() <= bound
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(build("llama"), peft.LoraConfig(target_modules=["embed_tokens", "q_proj"], r=4,
+                                                                    init_lora_weights="orthogonal"))
+    assert torch.count_nonzero(theirs.base_model.model.model.embed_tokens.lora_embedding_A["default"]) == 0
+    with torch.no_grad():  # peft's adapter trained (random values), saved and loaded
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = minilora.load_adapter(build("llama"), tmp_path / "peft")
+    inputs = example_inputs("llama", loaded)
+    with torch.no_grad():  # fp32, the same weights: sums of at most 48 terms round apart
+        torch.testing.assert_close(output_of(loaded(**inputs)), output_of(theirs(**inputs)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("init", ["pissa_niter_4", "orthogonal"])
