@@ -23,6 +23,7 @@ as ``merge_and_unload`` unties a LoRA-adapted tied embedding. OUT is written wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -45,6 +46,7 @@ from minilora.peft_format import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapte
                                   TensorEntry, adapter_modules, check_digest, check_finite, check_tensor,
                                   header_bytes, param_module_key, read_config_file, read_header, read_json, read_tensor,
                                   tensor_bytes, token_rows)
+from minilora.tree import vocabulary_ends
 
 __all__ = ["merge_checkpoint", "MergeSummary"]
 
@@ -76,6 +78,7 @@ class MergeSummary:
     renamed: tuple[str, str] | None = None  # (old prefix, new prefix) of the adapter's module names
     dora_modules: int = 0  # of lora_modules, those with a DoRA magnitude
     token_weights: int = 0  # weights given trained token rows (trainable_token_indices), tied names included
+    vocab_size: int | None = None  # the vocabulary grown (or shrunk) before training, now in config.json
 
 
 def _shard_name_ok(name: object) -> bool:
@@ -201,6 +204,7 @@ class _Facts:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # targeted parameter -> shape
     experts: dict[str, tuple[str, int, slice]] = field(default_factory=dict)  # see model_config.expert_sources
     parts: dict[str, list[str]] = field(default_factory=dict)  # parameter stored per expert -> its keys
+    vocabulary: set[str] = field(default_factory=set)  # the weights of the token embedding and output head
 
     def stored_as(self, ck_tensors: dict[str, TensorEntry], m: AdapterModule) -> TensorEntry | None:
         """The checkpoint entry of a module's weight, or of the first part of a stack stored per expert."""
@@ -224,6 +228,8 @@ def _model_facts(base: Path, target_parameters: list[str] | tuple[()] = (),
     except NotBuildable:
         return _Facts()
     facts = _Facts({n for n, m in model.named_modules() if isinstance(m, Conv1D)})
+    ends = [end for end in vocabulary_ends(model) if end is not None]
+    facts.vocabulary = {f"{n}.weight" for n, m in model.named_modules() if any(m is end for end in ends)}
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
@@ -401,6 +407,40 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, confi
                              f"{list(ad_tensors[ad_key].shape)} but {key!r} in {base} is {list(entry.shape)}")
 
 
+def _grow_vocabulary(replace: dict[str, str], ad_tensors: dict[str, TensorEntry], ck_tensors: dict[str, TensorEntry],
+                     tied_to: dict[str, str], facts: _Facts, base: Path) -> int | None:
+    """The vocabulary size of an adapter trained after tokens were added: its rows for the token
+    embedding and output head (modules_to_save copies, or base weights saved with them) outnumber
+    (or undercut) the checkpoint's. Those checkpoint entries then take the new shape (their values
+    come from the adapter). Every such weight must be given rows, or nothing is grown."""
+    grown = {}
+    for key, ad_key in replace.items():
+        entry, shape = _stored(ck_tensors, tied_to, key), tuple(ad_tensors[ad_key].shape)
+        if key in facts.vocabulary and entry is not None and len(shape) == 2 and len(entry.shape) == 2 \
+                and shape[1] == entry.shape[1] and shape[0] != entry.shape[0]:
+            grown[key] = shape[0]
+    if not grown:
+        return None
+    if len(set(grown.values())) > 1:
+        raise ValueError(f"adapter does not fit the checkpoint: its token embedding and output head rows disagree on "
+                         f"the vocabulary size ({grown})")
+    size = next(iter(grown.values()))
+    for key in sorted(facts.vocabulary):
+        entry = _stored(ck_tensors, tied_to, key)
+        stored = key if key in ck_tensors else tied_to.get(key)
+        if entry is not None and key not in grown and stored not in grown:
+            raise ValueError(f"the adapter gives {sorted(grown)} {size} rows (tokens added before training), but holds "
+                             f"no rows for {key!r} ({entry.shape[0]} in {base}); merge it in memory instead "
+                             "(minilora.from_pretrained, then merge_and_unload), which resizes the rest")
+    for key in grown:
+        stored = key if key in ck_tensors else tied_to[key]
+        entry = ck_tensors[stored]
+        if entry.shape[0] != size:  # its values come from the adapter, read through replace
+            ck_tensors[stored] = dataclasses.replace(entry, shape=(size, *entry.shape[1:]),
+                                                     nbytes=entry.nbytes // entry.shape[0] * size)
+    return size
+
+
 def _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied_to, groups, base: Path
                  ) -> dict[str, tuple[str, list[int]]]:
     """Checkpoint weight name -> (adapter key, token ids) for every weight that token rows
@@ -419,7 +459,8 @@ def _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied
             raise ValueError(f"adapter does not fit the checkpoint: token rows {ad_key!r} {list(D)} for token ids up "
                              f"to {max(ids)} need a weight [> {max(ids)}, {D[1]}], but {key!r} in {base} is {list(W)}")
         for k in next((g for g in groups if key in g), [key]):
-            if k in out or k in replace or k in lora:
+            # (a base weight saved beside the rows, for a resized vocabulary, is what they go into)
+            if k in out or (k in replace and ".base_layer." not in replace[k]) or k in lora:
                 raise ValueError(f"the adapter trains token rows of {key!r} and also changes {k!r} otherwise (LoRA, "
                                  "a modules_to_save copy or other token rows); minilora cannot merge both into one "
                                  "weight")
@@ -707,6 +748,7 @@ class _Plan:
     tied_groups: list[list[str]]
     renamed: tuple[str, str] | None
     merger: _Merger
+    vocab_size: int | None = None  # a vocabulary grown before training: config.json gets it
 
 
 def _plan(base: Path, adapter: Path) -> _Plan:
@@ -719,11 +761,12 @@ def _plan(base: Path, adapter: Path) -> _Plan:
     tied_groups = [g for g in groups if sum(k in ck_tensors for k in g) == 1]
     tied_to = {k: next(s for s in g if s in ck_tensors) for g in tied_groups for k in g if k not in ck_tensors}
     modules, replace, renamed = _align_prefix(modules, replace, set(ck_tensors) | set(tied_to) | set(facts.parts))
+    vocab_size = _grow_vocabulary(replace, ad_tensors, ck_tensors, tied_to, facts, base)
     _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, config, base, adapter)
     rows = _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied_to, groups, base)
     _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, facts, adapter, rows)
     return _Plan(ck_tensors, shard_meta, index, modules, replace, tied_groups, renamed,
-                 _Merger(ad_tensors, modules, replace, ck_tensors, tied_to, facts, rows))
+                 _Merger(ad_tensors, modules, replace, ck_tensors, tied_to, facts, rows), vocab_size)
 
 
 def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
@@ -804,8 +847,14 @@ def _write(plan: _Plan, base: Path, tmp: Path, out: Path, progress: Progress | N
         new_index = {**plan.index, "metadata": {**(plan.index.get("metadata") or {}), "total_size": written},
                      "weight_map": dict(sorted(weight_map.items()))}
         _write_json(tmp / INDEX_FILE, new_index)
-    if untied and (tmp / "config.json").is_file():  # (untied needs model facts: config.json was read)
-        _write_json(tmp / "config.json", {**read_json(tmp / "config.json", "a transformers model config"),
-                                          "tie_word_embeddings": False})
+    if (untied or plan.vocab_size) and (tmp / CONFIG_FILE).is_file():  # (both need model facts: it was read)
+        config = read_json(tmp / CONFIG_FILE, "a transformers model config")
+        if untied:
+            config["tie_word_embeddings"] = False
+        if plan.vocab_size:  # a multimodal config keeps its text model's under text_config
+            text = config["text_config"] if "vocab_size" not in config and "text_config" in config else config
+            text["vocab_size"] = plan.vocab_size
+        _write_json(tmp / CONFIG_FILE, config)
     return MergeSummary(out, len(plan.modules), len(plan.replace), total, len(by_shard), written, untied, skipped,
-                        plan.renamed, sum(m.magnitude is not None for m in plan.modules.values()), len(merger.rows))
+                        plan.renamed, sum(m.magnitude is not None for m in plan.modules.values()), len(merger.rows),
+                        plan.vocab_size)

@@ -407,7 +407,10 @@ def adapter_modules(config: LoraConfig, tensors: Mapping[str, TensorEntry], wher
             raise ValueError(f"adapter tensor {key!r} is neither LoRA nor DoRA (another variant?); minilora merge "
                              "knows lora_A / lora_B / lora_embedding_A / lora_embedding_B / lora_magnitude_vector")
         elif ".base_layer." in name:  # an adapted module's own tensor saved anew: a trained bias
-            replace[_UNDER_WRAPPERS.sub(".", name)] = key  # (bias="lora_only"), an untied embedding
+            # (bias="lora_only"), an untied embedding, the base weight of a resized vocabulary (also
+            # under trainable tokens' wrapper)
+            name = name.replace(f".{BASE_WEIGHT_KEYS['tokens']}", f".{BASE_WEIGHT_KEYS['lora']}")
+            replace[_UNDER_WRAPPERS.sub(".", name)] = key
         else:  # a modules_to_save copy's parameter, or a trained bias of a plain module
             replace[name] = key
     for path, module in list(modules.items()):

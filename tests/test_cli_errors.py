@@ -134,8 +134,13 @@ MERGE_ERRORS = {
         r"'model\.layers\.0\.self_attn\.q_proj' has weight \[32, 32\] .* delta is \[32, 40\] \(lora_A \[8, 40\], "
         r"lora_B \[32, 8\]\); was it trained on another model\?"),
     "modules_to_save-shape": (lambda base, ad: _edit_adapter(ad, lambda t: t.update({
+        "base_model.model.lm_head.weight": torch.zeros(64, 33)})),
+        r"'base_model\.model\.lm_head\.weight' has shape \[64, 33\] but 'lm_head\.weight' .* is \[64, 32\]"),
+    # rows for a grown vocabulary in the head only: the embedding's new rows are unknown
+    "grown-head-only": (lambda base, ad: _edit_adapter(ad, lambda t: t.update({
         "base_model.model.lm_head.weight": torch.zeros(65, 32)})),
-        r"'base_model\.model\.lm_head\.weight' has shape \[65, 32\] but 'lm_head\.weight' .* is \[64, 32\]"),
+        r"gives \['lm_head\.weight'\] 65 rows .* holds no rows for 'model\.embed_tokens\.weight' \(64 in .*merge "
+        r"it in memory"),
     # a peft-written file (no config digest: _edit_adapter rewrites it without) with a config that lies
     "rank-vs-config": (lambda base, ad: (_edit_adapter(ad, lambda t: None), (ad / "adapter_config.json").write_text(
         json.dumps({**json.loads((ad / "adapter_config.json").read_text()), "r": 4}))),

@@ -366,17 +366,61 @@ def test_a_grown_vocabulary_under_trainable_tokens_round_trips(tmp_path):
                        _out(trained, inputs))
 
 
-def test_offline_merge_refuses_a_grown_vocabulary_and_the_in_memory_merge_works(tmp_path):
+@pytest.mark.parametrize("fields", [
+    dict(modules_to_save=["embed_tokens", "lm_head"]),  # the trained copies carry the new rows
+    dict(),  # LoRA elsewhere: the grown base rows are saved beside it
+    dict(targets=["embed_tokens", "lm_head", "q_proj"]),  # LoRA on the grown embedding and head
+    dict(trainable_token_indices=[64, 65, 3]),  # token rows over the grown base rows
+], ids=["modules_to_save", "lora-elsewhere", "lora-on-the-vocabulary", "token-rows"])
+def test_offline_merge_of_a_grown_vocabulary_equals_the_in_memory_merge(tmp_path, fields):
+    """``minilora merge`` gives the embedding and head the adapter's rows and config.json the new
+    vocab_size; the merged checkpoint loads as a plain model equal to from_pretrained, then
+    merge_and_unload."""
     from minilora.offline_merge import merge_checkpoint
-    folder, trained, inputs = _grown(tmp_path, modules_to_save=["embed_tokens", "lm_head"])
-    with pytest.raises(ValueError, match=r"has shape \[72, 32\] but '(lm_head|model.embed_tokens).weight' .* \[64, 32\]"):
-        merge_checkpoint(tmp_path / "base-llama", folder, tmp_path / "merged")
-    assert not (tmp_path / "merged").exists()
-    merged = minilora.merge_and_unload(minilora.from_pretrained(folder))
-    # fp32 weights W + s·BA round once more than the unmerged forward: a few fp32 ulps (1.2e-7) per
-    # length-32 reduction, over two layers
+    folder, trained, inputs = _grown(tmp_path, **fields)
+    summary = merge_checkpoint(tmp_path / "base-llama", folder, tmp_path / "merged")
+    assert summary.vocab_size == 72
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == 72
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    in_memory = minilora.merge_and_unload(minilora.from_pretrained(folder))
+    assert merged.get_input_embeddings().weight.shape[0] == 72 == merged.get_output_embeddings().weight.shape[0]
+    # fp32 weights W + s·BA, merged block by block or whole: a few fp32 ulps (1.2e-7) per length-32
+    # sum, over two layers
+    torch.testing.assert_close(_out(merged, inputs), _out(in_memory, inputs), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_out(merged, inputs), _out(trained, inputs), rtol=1e-5, atol=1e-6)
 
+
+def test_offline_merge_refuses_a_grown_vocabulary_missing_rows(tmp_path):
+    """Rows for the embedding but none for the untied head: the head's new rows are unknown."""
+    from minilora.offline_merge import merge_checkpoint
+    base = _base(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(72)
+    minilora.inject(model, targets=["q_proj"], r=4, modules_to_save=["embed_tokens"], task_type="CAUSAL_LM")
+    minilora.save_adapter(model, tmp_path / "adapter", save_embedding_layers=False)
+    with pytest.raises(ValueError, match=r"gives \['model.embed_tokens.weight'\] 72 rows .* holds no rows for "
+                                         r"'lm_head.weight' \(64 in .*merge it in memory"):
+        merge_checkpoint(base, tmp_path / "adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_offline_merge_takes_base_rows_saved_under_trainable_tokens(tmp_path):
+    """save_embedding_layers=True beside token rows on an unchanged vocabulary: peft's
+    token_adapter.base_layer key names the embedding's weight."""
+    from minilora.offline_merge import merge_checkpoint
+    base = _base(tmp_path)
+    model = minilora.inject(transformers.AutoModelForCausalLM.from_pretrained(base), targets=["q_proj"], r=4,
+                            trainable_token_indices=[3, 5], task_type="CAUSAL_LM")
+    randomize_adapters(model)
+    rows = model.model.embed_tokens.tokens["default"].delta
+    with torch.no_grad():
+        rows.add_(1)
+    minilora.save_adapter(model, tmp_path / "adapter", save_embedding_layers=True)
+    assert "base_model.model.model.embed_tokens.token_adapter.base_layer.weight" in _keys(tmp_path / "adapter")
+    merge_checkpoint(base, tmp_path / "adapter", tmp_path / "merged")
+    inputs = example_inputs("llama", model)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(_out(merged, inputs), _out(model, inputs), rtol=1e-5, atol=1e-6)
 
 def test_an_unreadable_tokenizer_is_named(tmp_path):
     folder, _ = _adapter(tmp_path, _base(tmp_path), task_type="CAUSAL_LM")

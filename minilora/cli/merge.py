@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - start:.1f} s -> {s.out}")
     if s.token_weights:
         print(f"wrote trained token rows (trainable_token_indices) into {s.token_weights} weight(s)")
+    if s.vocab_size:
+        print(f"the adapter was trained on a vocabulary of {s.vocab_size} tokens: the token embedding and output head "
+              "have that many rows, and config.json says so (vocab_size)")
     if s.untied:
         print(f"tied weights {s.untied} now differ from the embedding they were tied to: written separately, "
               "tie_word_embeddings set to false in config.json")
