@@ -273,7 +273,8 @@ class LoraConfig:
         # peft runs pissa/olora/orthogonal on a parameter only where it is a module's 2-D ``weight``
         # (its code reads ``base_layer.weight``); here they are refused on every parameter.
         for name, on, peft, why in (
-                ("lora_dropout", self.lora_dropout != 0, True, "dropout needs a separate LoRA branch input; set it to 0"),
+                ("lora_dropout", self.lora_dropout != 0, True,
+                 "dropout needs a separate LoRA branch input; set it to 0"),
                 ("fan_in_fan_out", self.fan_in_fan_out, True, "the layout is read from the parameter; set it to False"),
                 ("lora_bias", self.lora_bias, True, "a parameter has no bias to pair with B; set it to False"),
                 ("use_dora", self.use_dora, True, "DoRA is not defined on parameters; set it to False"),
