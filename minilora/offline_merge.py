@@ -408,11 +408,16 @@ def _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, confi
 
 
 def _grow_vocabulary(replace: dict[str, str], ad_tensors: dict[str, TensorEntry], ck_tensors: dict[str, TensorEntry],
-                     tied_to: dict[str, str], facts: _Facts, base: Path) -> int | None:
+                     tied_to: dict[str, str], facts: _Facts, lora: set[str], base: Path) -> int | None:
     """The vocabulary size of an adapter trained after tokens were added: its rows for the token
     embedding and output head (modules_to_save copies, or base weights saved with them) outnumber
-    (or undercut) the checkpoint's. Those checkpoint entries then take the new shape (their values
-    come from the adapter). Every such weight must be given rows, or nothing is grown."""
+    (or undercut) the checkpoint's. Those checkpoint entries then take the new shape, and their
+    values come from the adapter: a tied name without rows of its own takes its group's (one
+    weight, as in the model). Every vocabulary weight must get rows of that size, or nothing is
+    grown."""
+    def stored(key: str) -> str | None:
+        return key if key in ck_tensors else tied_to.get(key)
+
     grown = {}
     for key, ad_key in replace.items():
         entry, shape = _stored(ck_tensors, tied_to, key), tuple(ad_tensors[ad_key].shape)
@@ -421,23 +426,36 @@ def _grow_vocabulary(replace: dict[str, str], ad_tensors: dict[str, TensorEntry]
             grown[key] = shape[0]
     if not grown:
         return None
-    if len(set(grown.values())) > 1:
-        raise ValueError(f"adapter does not fit the checkpoint: its token embedding and output head rows disagree on "
-                         f"the vocabulary size ({grown})")
-    size = next(iter(grown.values()))
+    size = max(grown.values())
+    changed = {stored(k) for k in grown}
+    for group in facts.groups:
+        if any(stored(k) in changed for k in group):
+            source = replace.get(stored(group[0])) or replace[next(k for k in group if k in grown)]
+            bare = [k for k in group if k not in replace]
+            adapted = [k for k in group if k in lora]
+            if bare and adapted:
+                # resize_token_embeddings may leave these one module (T5's shared and its stacks'
+                # embed_tokens: all took the LoRA) or one weight of several modules (only one did)
+                raise ValueError(f"the adapter puts LoRA on {adapted[0]!r} of a grown vocabulary, and {bare} share "
+                                 "that weight with no rows of their own in the adapter: whether the LoRA reached "
+                                 "them depends on how the resized model held them, which the checkpoint cannot "
+                                 "tell. Merge in memory: minilora.from_pretrained, then merge_and_unload")
+            for key in bare:
+                replace[key] = source
     for key in sorted(facts.vocabulary):
         entry = _stored(ck_tensors, tied_to, key)
-        stored = key if key in ck_tensors else tied_to.get(key)
-        if entry is not None and key not in grown and stored not in grown:
+        if entry is not None and stored(key) not in changed:
             raise ValueError(f"the adapter gives {sorted(grown)} {size} rows (tokens added before training), but holds "
-                             f"no rows for {key!r} ({entry.shape[0]} in {base}); merge it in memory instead "
-                             "(minilora.from_pretrained, then merge_and_unload), which resizes the rest")
-    for key in grown:
-        stored = key if key in ck_tensors else tied_to[key]
-        entry = ck_tensors[stored]
-        if entry.shape[0] != size:  # its values come from the adapter, read through replace
-            ck_tensors[stored] = dataclasses.replace(entry, shape=(size, *entry.shape[1:]),
-                                                     nbytes=entry.nbytes // entry.shape[0] * size)
+                             f"no rows for {key!r} ({entry.shape[0]} in {base}): its new rows are unknown. Save the "
+                             "adapter with save_embedding_layers=True from the model it was trained on")
+    disagree = {k: ad_tensors[a].shape[0] for k, a in replace.items() if stored(k) in changed}
+    if set(disagree.values()) != {size}:
+        raise ValueError(f"adapter does not fit the checkpoint: its rows for the token embedding and output head "
+                         f"disagree on the vocabulary size ({dict(sorted(disagree.items()))})")
+    for key in changed:
+        entry = ck_tensors[key]
+        ck_tensors[key] = dataclasses.replace(entry, shape=(size, *entry.shape[1:]),
+                                              nbytes=entry.nbytes // entry.shape[0] * size)
     return size
 
 
@@ -761,7 +779,8 @@ def _plan(base: Path, adapter: Path) -> _Plan:
     tied_groups = [g for g in groups if sum(k in ck_tensors for k in g) == 1]
     tied_to = {k: next(s for s in g if s in ck_tensors) for g in tied_groups for k in g if k not in ck_tensors}
     modules, replace, renamed = _align_prefix(modules, replace, set(ck_tensors) | set(tied_to) | set(facts.parts))
-    vocab_size = _grow_vocabulary(replace, ad_tensors, ck_tensors, tied_to, facts, base)
+    vocab_size = _grow_vocabulary(replace, ad_tensors, ck_tensors, tied_to, facts,
+                                  {m.weight_key for m in modules.values()}, base)
     _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, config, base, adapter)
     rows = _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied_to, groups, base)
     _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, facts, adapter, rows)
