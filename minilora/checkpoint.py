@@ -150,20 +150,27 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, str]:
     return {PEFT_PREFIX + k: v for k, v in sorted(slots.items())}
 
 
-def _vocabulary_weights(model: nn.Module) -> dict[str, str]:
-    """The base weights ``save_embedding_layers`` writes: those of the token embedding and the
-    output head, file key (peft's, for what wraps the module now: LoRA, trainable tokens,
-    nothing) -> model state-dict key. A modules_to_save copy is the adapter's own: not here."""
+def _vocabulary_hosts(model: nn.Module) -> list[tuple[str, str, str]]:
+    """(name, what wraps it, model key of its base weight) of the token embedding and the output
+    head: LoRA, trainable tokens, modules_to_save (whose original module holds it), or nothing."""
     ends = [end for end in vocabulary_ends(model) if end is not None]
-    weights = {}
+    hosts = []
     for name, module in model.named_modules():
         if not any(module is end for end in ends):
             continue
         wrapper = ("lora" if isinstance(module, LoraLayer) else "tokens" if isinstance(module, TrainableTokens)
+                   else "modules_to_save" if isinstance(module, ModulesToSave)
                    else "plain" if not isinstance(module, AdapterHost) else None)
         if wrapper is not None:
-            weights[f"{PEFT_PREFIX}{name}.{BASE_WEIGHT_KEYS[wrapper]}"] = f"{name}.weight"
-    return weights
+            inner = "original_module." if wrapper == "modules_to_save" else ""
+            hosts.append((name, wrapper, f"{name}.{inner}weight"))
+    return hosts
+
+
+def _vocabulary_weights(model: nn.Module) -> dict[str, str]:
+    """The base weights ``save_embedding_layers`` writes, those of the token embedding and the
+    output head: file key (peft's, for what wraps the module now) -> model state-dict key."""
+    return {f"{PEFT_PREFIX}{name}.{BASE_WEIGHT_KEYS[wrapper]}": key for name, wrapper, key in _vocabulary_hosts(model)}
 
 
 def _optional_slots(model: nn.Module) -> dict[str, str]:
@@ -171,10 +178,8 @@ def _optional_slots(model: nn.Module) -> dict[str, str]:
     does (``save_embedding_layers``, e.g. after resizing the vocabulary): the token embedding's
     and output head's under any wrapper's key (a file written while another adapter wrapped the
     module names it so), and that of any LoRA-adapted embedding. File key -> model key."""
-    slots = {}
-    for key in _vocabulary_weights(model).values():
-        name = key[: -len(".weight")]
-        slots.update({f"{PEFT_PREFIX}{name}.{suffix}": key for suffix in BASE_WEIGHT_KEYS.values()})
+    slots = {f"{PEFT_PREFIX}{name}.{suffix}": key
+             for name, _, key in _vocabulary_hosts(model) for suffix in BASE_WEIGHT_KEYS.values()}
     slots.update({f"{PEFT_PREFIX}{name}.{BASE_WEIGHT_KEYS['lora']}": f"{name}.weight"
                   for name, layer in lora_layers(model) if isinstance(layer, LoraEmbedding)})
     return slots
@@ -487,11 +492,21 @@ def plan_load(dry: nn.Module, path: str | os.PathLike, adapter_name: str = "defa
     except PatternError as err:
         raise AdapterFileError(f"{os.path.join(folder, CONFIG_NAME)}: {err}") from None
     slots, optional = _slots(dry, adapter_name), _optional_slots(dry)
+    # peft's save_embedding_layers writes a modules_to_save copy twice, also as <name>.modules_to_save.weight
+    suffix = ".modules_to_save.weight"
+    copies = {k: slots[f"{k[: -len(suffix)]}.weight"] for k in tensors
+              if k.endswith(suffix) and f"{k[: -len(suffix)]}.weight" in slots}
+    # and a tied head's token rows beside its embedding's (the same rows: the head follows them)
+    names = {id(m): n for n, m in dry.named_modules()}
+    copies.update({f"{PEFT_PREFIX}{n}.{TOKEN_KEY}": slots[f"{PEFT_PREFIX}{names[id(m.follows)]}.{TOKEN_KEY}"]
+                   for n, m in dry.named_modules() if isinstance(m, TrainableTokens) and m.follows is not None
+                   and f"{PEFT_PREFIX}{names[id(m.follows)]}.{TOKEN_KEY}" in slots})
+    optional.update(copies)
     expected = dry.state_dict(keep_vars=True)
     _check_vocabulary(file_path, tensors, {**optional, **slots}, expected, dry)
     checked = _checked_values(file_path, tensors, slots, optional, expected)
     values = {slots.get(k) or optional[k]: v for k, v in checked.items()}
-    base_keys = [optional[k] for k in checked if k in optional]
+    base_keys = [optional[k] for k in checked if k in optional and k not in slots and k not in copies]
     modules = dict(dry.named_modules())
     merged = {key: getattr(modules[key.rpartition(".")[0]], "merged", None) for key in base_keys}
     merged = {key: names for key, names in merged.items() if names}

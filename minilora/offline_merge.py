@@ -476,7 +476,10 @@ def _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied
         if len(W) != 2 or D[1] != W[1] or max(ids) >= W[0]:
             raise ValueError(f"adapter does not fit the checkpoint: token rows {ad_key!r} {list(D)} for token ids up "
                              f"to {max(ids)} need a weight [> {max(ids)}, {D[1]}], but {key!r} in {base} is {list(W)}")
-        for k in next((g for g in groups if key in g), [key]):
+        group = next((g for g in groups if key in g), [key])
+        if any(k in out and out[k][1] == ids for k in group) and all(k in out for k in group):
+            continue  # a tied head's copy of its embedding's rows (peft writes both with save_embedding_layers)
+        for k in group:
             # (a base weight saved beside the rows, for a resized vocabulary, is what they go into)
             if k in out or (k in replace and ".base_layer." not in replace[k]) or k in lora:
                 raise ValueError(f"the adapter trains token rows of {key!r} and also changes {k!r} otherwise (LoRA, "

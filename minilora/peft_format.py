@@ -46,8 +46,10 @@ FACTOR_KEYS: dict[bool, dict[str, str]] = {
 #: peft's key suffix for a module's trained token rows (``trainable_token_indices``): (k, dim).
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"
 #: peft's key suffix for the base weight of a token embedding or output head (written with
-#: ``save_embedding_layers``), by what wraps the module: LoRA, trainable tokens, or nothing.
-BASE_WEIGHT_KEYS = {"lora": "base_layer.weight", "tokens": "token_adapter.base_layer.weight", "plain": "weight"}
+#: ``save_embedding_layers``), by what wraps the module: LoRA, trainable tokens, modules_to_save
+#: (the original module's), or nothing.
+BASE_WEIGHT_KEYS = {"lora": "base_layer.weight", "tokens": "token_adapter.base_layer.weight",
+                    "modules_to_save": "original_module.weight", "plain": "weight"}
 
 
 def param_module_key(module: str, index: int, count: int) -> str:
@@ -387,6 +389,7 @@ def adapter_modules(config: LoraConfig, tensors: Mapping[str, TensorEntry], wher
     """
     modules: dict[str, AdapterModule] = {}
     replace: dict[str, str] = {}
+    beside: dict[str, str] = {}
     for key in tensors:
         name = key[len(PEFT_PREFIX):]
         if not key.startswith(PEFT_PREFIX):
@@ -411,8 +414,14 @@ def adapter_modules(config: LoraConfig, tensors: Mapping[str, TensorEntry], wher
             # under trainable tokens' wrapper)
             name = name.replace(f".{BASE_WEIGHT_KEYS['tokens']}", f".{BASE_WEIGHT_KEYS['lora']}")
             replace[_UNDER_WRAPPERS.sub(".", name)] = key
+        elif ".original_module." in name or ".modules_to_save." in name:
+            # peft's save_embedding_layers beside a modules_to_save copy writes the original's rows
+            # and the copy once more: the rows stand in where no copy does, the copy is the same
+            beside[name.replace(".original_module.", ".").replace(".modules_to_save.", ".")] = key
         else:  # a modules_to_save copy's parameter, or a trained bias of a plain module
             replace[name] = key
+    for name, key in beside.items():
+        replace.setdefault(name, key)
     for path, module in list(modules.items()):
         if parameters and path in parameters:
             del modules[path]

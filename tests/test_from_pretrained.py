@@ -595,3 +595,55 @@ def test_offline_merge_of_a_grown_tied_vocabulary_from_peft(tmp_path):
     want = minilora.merge_and_unload(minilora.from_pretrained(tmp_path / "adapter")).state_dict()
     for key, value in merged.items():
         torch.testing.assert_close(value, want[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("tied, fields", [
+    (False, dict(modules_to_save=["embed_tokens", "lm_head"])),  # + <name>.modules_to_save / original_module keys
+    (True, dict(trainable_token_indices=[64, 65, 3])),  # + the tied head's copy of the token rows
+])
+def test_peft_files_of_a_grown_vocabulary_load_and_merge(tmp_path, tied, fields):
+    """peft's save_embedding_layers writes more than minilora does beside a modules_to_save copy or
+    tied token rows; both paths read them and give peft's model."""
+    import peft
+    from minilora.offline_merge import merge_checkpoint
+    build("llama", tie_word_embeddings=tied).save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(72)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"], init_lora_weights=False,
+                                                            task_type="CAUSAL_LM", **fields)).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                p.add_(0.5)  # the trained copies / token rows
+    theirs.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    inputs = {"input_ids": torch.tensor([[69, 3, 65, 64, 12, 66, 70]])}
+    ours = minilora.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(_out(ours, inputs), _out(theirs, inputs), rtol=1e-5, atol=1e-6)
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(_out(merged, inputs), _out(theirs, inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_base_rows_beside_another_adapters_modules_to_save(tmp_path):
+    """Adapter a trains lm_head in full; b (LoRA elsewhere) saved beside it writes the head's grown
+    base rows (its original module's, peft's key) and loads in either order."""
+    base = _base(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(70)
+    minilora.inject(model, targets=["q_proj"], modules_to_save=["lm_head"], adapter_name="a", task_type="CAUSAL_LM")
+    minilora.inject(model, targets=["v_proj"], adapter_name="b", task_type="CAUSAL_LM")
+    randomize_adapters(model)
+    minilora.save_adapter(model, tmp_path / "saved")
+    assert "base_model.model.lm_head.original_module.weight" in _keys(tmp_path / "saved" / "b")
+    inputs = {"input_ids": torch.tensor([[69, 3, 65, 64, 12, 66]])}
+    minilora.set_adapter(model, "b")
+    assert torch.equal(_out(minilora.from_pretrained(tmp_path / "saved" / "b"), inputs), _out(model, inputs))
+    for order in (("a", "b"), ("b", "a")):
+        other = transformers.AutoModelForCausalLM.from_pretrained(base)
+        other.resize_token_embeddings(70)
+        for name in order:
+            minilora.load_adapter(other, tmp_path / "saved" / name, name)
+        minilora.set_adapter(other, "b")
+        assert torch.equal(_out(other, inputs), _out(model, inputs)), order
