@@ -505,6 +505,7 @@ def plan_load(dry: nn.Module, path: str | os.PathLike, adapter_name: str = "defa
     expected = dry.state_dict(keep_vars=True)
     _check_vocabulary(file_path, tensors, {**optional, **slots}, expected, dry)
     checked = _checked_values(file_path, tensors, slots, optional, expected)
+    _check_repeats(file_path, {k: slots.get(k) or optional[k] for k in checked}, checked, expected)
     values = {slots.get(k) or optional[k]: v for k, v in checked.items()}
     base_keys = [optional[k] for k in checked if k in optional and k not in slots and k not in copies]
     modules = dict(dry.named_modules())
@@ -515,6 +516,18 @@ def plan_load(dry: nn.Module, path: str | os.PathLike, adapter_name: str = "defa
         raise ValueError(f"{file_path} holds the base weight {key!r} (save_embedding_layers), but adapters {names} "
                          "are merged into that weight; call minilora.unmerge(model) first")
     return LoadPlan(config, values, dry, base_keys)
+
+
+def _check_repeats(file_path: str, targets: Mapping[str, str], values: Mapping[str, torch.Tensor],
+                   expected: Mapping[str, torch.Tensor]) -> None:
+    """File keys that fill one tensor (tied weights written under each name, peft's repeated
+    modules_to_save copy or tied token rows) must agree: which one would win is no answer."""
+    first: dict[int, str] = {}
+    for key in sorted(values):
+        other = first.setdefault(id(expected[targets[key]]), key)
+        if other != key and not torch.equal(values[other], values[key]):
+            raise AdapterFileError(f"{file_path}: {other!r} and {key!r} fill the same tensor of this model (tied, or "
+                                   "written twice) but hold different values; the file is inconsistent")
 
 
 def _check_vocabulary(file_path: str, tensors: Mapping[str, _FileTensor], targets: Mapping[str, str],

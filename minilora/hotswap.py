@@ -119,17 +119,19 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
     plan = plan_load(dry, path, adapter_name, is_trainable=not old.inference_mode, allow_pickle=allow_pickle)
     where = f"hotswap_adapter({os.fspath(path)!r})"
     _check_configs(where, old, plan.config, adapter_name)
-    # Adapters trained on one resized vocabulary each carry the same base rows (save_embedding_layers):
-    # those the model holds already are no change; others would be (a swap replaces adapter weights only).
-    tensors = inner.state_dict(keep_vars=True)
-    changed = [k for k in plan.base_keys
-               if not torch.equal(plan.values[k], tensors[k].detach().to(plan.values[k].device))]
-    if changed:
-        raise ValueError(f"{where}: the file also holds base weights ({changed[0]!r}, peft's save_embedding_layers) "
-                         "that differ from the model's; a swap replaces adapter weights only: use load_adapter")
     current = {n: h for n, h in hosts(inner) if adapter_name in h.adapter_modules()}
     fresh = {n: h for n, h in hosts(plan.dry) if adapter_name in h.adapter_modules()}
     _check_hosts(where, adapter_name, current, fresh)
+    # Adapters trained on one resized vocabulary each carry the same base rows (save_embedding_layers):
+    # those the model holds already are no change; others would be (a swap replaces adapter weights only).
+    tensors = inner.state_dict(keep_vars=True)
+    # (the model may hold it under a modules_to_save wrapper the file's model did not have)
+    held = {k: tensors.get(k, tensors.get(f"{k.rpartition('.')[0]}.original_module.weight")) for k in plan.base_keys}
+    changed = [k for k, t in held.items()
+               if t is None or not torch.equal(plan.values[k], t.detach().to(plan.values[k].device))]
+    if changed:
+        raise ValueError(f"{where}: the file also holds base weights ({changed[0]!r}, peft's save_embedding_layers) "
+                         "that differ from the model's; a swap replaces adapter weights only: use load_adapter")
     _apply(inner, plan, adapter_name, current, fresh)
     state.configs[adapter_name] = plan.config
     return model
@@ -210,6 +212,8 @@ def _apply(model: nn.Module, plan: LoadPlan, adapter_name: str, current: dict[st
             if isinstance(host, LoraLayer) and host.adapters[adapter_name].r > current[name].rank_room(adapter_name):
                 current[name].pad_rank(adapter_name, host.adapters[adapter_name].r)
         for key, value in plan.values.items():
+            if key in plan.base_keys:
+                continue  # base rows equal to the model's (checked): nothing to write
             if key in factors:
                 name, param = factors[key]
                 current[name].write_factor(adapter_name, param, value)

@@ -459,6 +459,28 @@ def _grow_vocabulary(replace: dict[str, str], ad_tensors: dict[str, TensorEntry]
     return size
 
 
+def _same_values(a: TensorEntry, b: TensorEntry) -> bool:
+    """Whether two adapter tensors hold the same values, compared a block of rows at a time."""
+    return a.shape == b.shape and a.dtype == b.dtype and all(
+        torch.equal(read_tensor(a, rows), read_tensor(b, rows)) for rows in row_blocks(a.shape))
+
+
+def _check_repeats(adapter: Path, ad_tensors: dict[str, TensorEntry], replace: dict[str, str],
+                   groups: list[list[str]]) -> None:
+    """Tensors the file holds twice for one weight must agree, as load_adapter requires: peft's
+    repeated modules_to_save copy, and the base rows of tied names (which one would win is no answer)."""
+    pairs = [(k, k.replace(".modules_to_save.", ".")) for k in ad_tensors
+             if k.endswith(".modules_to_save.weight") and k.replace(".modules_to_save.", ".") in ad_tensors]
+    for group in groups:
+        rows = sorted({replace[k] for k in group if k in replace and (".base_layer." in replace[k]
+                                                                     or ".original_module." in replace[k])})
+        pairs += [(rows[0], other) for other in rows[1:]]
+    for a, b in pairs:
+        if not _same_values(ad_tensors[a], ad_tensors[b]):
+            raise AdapterFileError(f"{adapter / WEIGHTS_NAME}: {a!r} and {b!r} are one weight of the model (tied, or "
+                                   "written twice) but hold different values; the file is inconsistent")
+
+
 def _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied_to, groups, base: Path
                  ) -> dict[str, tuple[str, list[int]]]:
     """Checkpoint weight name -> (adapter key, token ids) for every weight that token rows
@@ -477,8 +499,12 @@ def _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied
             raise ValueError(f"adapter does not fit the checkpoint: token rows {ad_key!r} {list(D)} for token ids up "
                              f"to {max(ids)} need a weight [> {max(ids)}, {D[1]}], but {key!r} in {base} is {list(W)}")
         group = next((g for g in groups if key in g), [key])
-        if any(k in out and out[k][1] == ids for k in group) and all(k in out for k in group):
-            continue  # a tied head's copy of its embedding's rows (peft writes both with save_embedding_layers)
+        if all(k in out for k in group):  # a tied head's copy of its embedding's rows (peft's save_embedding_layers)
+            first, first_ids = out[group[0]]
+            if first_ids != ids or not _same_values(ad_tensors[first], ad_tensors[ad_key]):
+                raise AdapterFileError(f"{ad_key!r} and {first!r} are the token rows of one tied weight but hold "
+                                       "other token ids or values; the file is inconsistent")
+            continue
         for k in group:
             # (a base weight saved beside the rows, for a resized vocabulary, is what they go into)
             if k in out or (k in replace and ".base_layer." not in replace[k]) or k in lora:
@@ -784,6 +810,7 @@ def _plan(base: Path, adapter: Path) -> _Plan:
     modules, replace, renamed = _align_prefix(modules, replace, set(ck_tensors) | set(tied_to) | set(facts.parts))
     vocab_size = _grow_vocabulary(replace, ad_tensors, ck_tensors, tied_to, facts,
                                   {m.weight_key for m in modules.values()}, base)
+    _check_repeats(adapter, ad_tensors, replace, groups)
     _plan_shapes(modules, replace, ad_tensors, ck_tensors, tied_to, facts, config, base, adapter)
     rows = _plan_tokens(tokens, renamed, modules, replace, ad_tensors, ck_tensors, tied_to, groups, base)
     _check_values(modules, replace, ad_tensors, ck_tensors, tied_to, facts, adapter, rows)
