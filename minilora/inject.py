@@ -402,7 +402,10 @@ def _weight_sharers(modules: list[tuple[str, nn.Module]]) -> dict[int, list[str]
     layer holds its base weight itself (base_layer keeps hyper-parameters only)."""
     sharers: dict[int, list[str]] = {}
     for name, module in modules:
-        weight = getattr(module, "weight", None) if name else None
+        # (a modules_to_save host holds the weight in its original module: a later adapter's copy
+        # must reach the tied partner an earlier adapter wrapped too)
+        held = module.original_module if isinstance(module, ModulesToSave) else module
+        weight = getattr(held, "weight", None) if name else None
         if isinstance(weight, nn.Parameter):
             sharers.setdefault(id(weight), []).append(name)
     return sharers

@@ -203,6 +203,27 @@ def test_tied_embeddings_modules_to_save_like_peft_ensure_weight_tying(tmp_path)
     assert torch.equal(_out(back, inputs), _out(ours, inputs))
 
 
+def test_tied_modules_to_save_of_a_second_adapter_reaches_both_ends(tmp_path):
+    """A second adapter training the tied lm_head in full gets its copy on wte too (an earlier
+    adapter had wrapped both, hiding the shared weight): each file then rebuilds its adapter's
+    model, in either loading order."""
+    model = build("gpt2")
+    for name, target in (("a", "c_attn"), ("b", "c_fc")):
+        minilora.inject(model, targets=[target], r=4, modules_to_save=["lm_head"], adapter_name=name)
+    randomize_adapters(model)
+    assert set(model.transformer.wte.modules_to_save) == {"a", "b"}
+    minilora.save_adapter(model, tmp_path)
+    inputs = example_inputs("gpt2", model)
+    for order in (("a", "b"), ("b", "a")):
+        loaded = build("gpt2")
+        for name in order:
+            minilora.load_adapter(loaded, tmp_path / name, name)
+        for name in order:
+            minilora.set_adapter(model, name)
+            minilora.set_adapter(loaded, name)
+            assert torch.equal(_out(loaded, inputs), _out(model, inputs)), (order, name)
+
+
 def test_adapter_state_dict_is_what_save_writes(tmp_path):
     kind, cfg = CASES["embed_conv1d"]
     ours = _trained(kind, cfg)
