@@ -28,7 +28,7 @@ from minilora.inject import lora_layers
 from minilora.layers import LoraLinear, LoraMultiheadAttention
 from minilora.model_config import adaptable_modules
 from minilora.offline_merge import merge_checkpoint
-from tiny_models import ModelMha
+from tiny_models import ModelMha, randomize_adapters
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora import LoraLayer as PeftLoraLayer  # noqa: E402
@@ -88,15 +88,6 @@ def fixed_peft(pm):
     return pm
 
 
-def randomize(model: nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for adapter in layer.adapters.values():
-                for p in adapter.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.3)
-
-
 def peft_name(ours: str) -> str:
     """``mha.out_proj.adapters.default.lora_A`` -> peft's ``mha.base_layer.out_proj.lora_A.default.weight``."""
     module, rest = ours.split(".adapters.")
@@ -114,7 +105,7 @@ def build_pair(fields: dict, variant: str = "peft", dtype: torch.dtype = torch.f
         warnings.simplefilter("ignore")
         ours = minilora.inject(copy.deepcopy(base), minilora.LoraConfig(**fields))
         pm = fixed_peft(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**fields)))
-    randomize(ours)
+    randomize_adapters(ours)
     ours_sd = minilora.adapter_state_dict(ours)
     theirs_sd = peft.get_peft_model_state_dict(pm)
     assert {k: tuple(v.shape) for k, v in ours_sd.items()} == {k: tuple(v.shape) for k, v in theirs_sd.items()}
@@ -352,7 +343,7 @@ def test_multi_adapter_disable_and_delete():
         minilora.inject(ours, minilora.LoraConfig(target_modules=["mha"], lora_alpha=4), adapter_name="other")
         pm.add_adapter("other", peft.LoraConfig(target_modules=["mha"], lora_alpha=4))
     fixed_peft(pm)
-    randomize(ours, seed=7)
+    randomize_adapters(ours, seed=7)
     peft.set_peft_model_state_dict(pm, minilora.adapter_state_dict(ours, "default"))
     peft.set_peft_model_state_dict(pm, minilora.adapter_state_dict(ours, "other"), adapter_name="other")
     with torch.no_grad():
