@@ -158,12 +158,9 @@ def from_pretrained(adapter_dir: str | os.PathLike, auto_class: Any = None, *,
     AutoModelForCausalLM, ...). A recorded ``revision`` is passed on when the recorded base is
     used. A hub id downloads as transformers does; ``HF_HUB_OFFLINE=1`` forbids it.
 
-    Where the adapter was trained on a resized vocabulary, the base's token embeddings are resized
-    before the adapter loads: to the row count of the adapter's embedding tensors (a
-    ``modules_to_save`` copy, a saved base embedding, LoRA on the embedding or the output head;
-    read from the safetensors header, so not for a pickle-only adapter), else, like peft, up to
-    the length of a tokenizer saved in ``adapter_dir`` when that is larger (``trust_remote_code``
-    from ``from_pretrained_kwargs`` applies to it).
+    A vocabulary resized before training is resized again first: to the adapter's embedding
+    tensors' rows (from its safetensors header), else, as peft, up to a larger tokenizer saved in
+    ``adapter_dir`` (with ``trust_remote_code`` from ``from_pretrained_kwargs``).
 
     Raises:
         AdapterFileError: the adapter folder's config or weights (as ``load_adapter``); an adapter

@@ -492,30 +492,38 @@ def plan_load(dry: nn.Module, path: str | os.PathLike, adapter_name: str = "defa
     except PatternError as err:
         raise AdapterFileError(f"{os.path.join(folder, CONFIG_NAME)}: {err}") from None
     slots, optional = _slots(dry, adapter_name), _optional_slots(dry)
-    # peft's save_embedding_layers writes a modules_to_save copy twice, also as <name>.modules_to_save.weight
-    suffix = ".modules_to_save.weight"
-    copies = {k: slots[f"{k[: -len(suffix)]}.weight"] for k in tensors
-              if k.endswith(suffix) and f"{k[: -len(suffix)]}.weight" in slots}
-    # and a tied head's token rows beside its embedding's (the same rows: the head follows them)
-    names = {id(m): n for n, m in dry.named_modules()}
-    copies.update({f"{PEFT_PREFIX}{n}.{TOKEN_KEY}": slots[f"{PEFT_PREFIX}{names[id(m.follows)]}.{TOKEN_KEY}"]
-                   for n, m in dry.named_modules() if isinstance(m, TrainableTokens) and m.follows is not None
-                   and f"{PEFT_PREFIX}{names[id(m.follows)]}.{TOKEN_KEY}" in slots})
+    modules = dict(dry.named_modules())
+    copies = _repeated_keys(modules, slots, tensors)
     optional.update(copies)
     expected = dry.state_dict(keep_vars=True)
-    _check_vocabulary(file_path, tensors, {**optional, **slots}, expected, dry)
+    _check_vocabulary(file_path, tensors, {**optional, **slots}, expected, dry, modules)
     checked = _checked_values(file_path, tensors, slots, optional, expected)
     _check_repeats(file_path, {k: slots.get(k) or optional[k] for k in checked}, checked, expected)
     values = {slots.get(k) or optional[k]: v for k, v in checked.items()}
     base_keys = [optional[k] for k in checked if k in optional and k not in slots and k not in copies]
-    modules = dict(dry.named_modules())
-    merged = {key: getattr(modules[key.rpartition(".")[0]], "merged", None) for key in base_keys}
-    merged = {key: names for key, names in merged.items() if names}
-    if merged:  # copying the base weight in would drop them (and unmerge would then corrupt it)
-        key, names = next(iter(merged.items()))
-        raise ValueError(f"{file_path} holds the base weight {key!r} (save_embedding_layers), but adapters {names} "
-                         "are merged into that weight; call minilora.unmerge(model) first")
+    for key in base_keys:  # copying a base weight in would drop what is merged into it (unmerge would corrupt it)
+        merged = getattr(modules[key.rpartition(".")[0]], "merged", None)
+        if merged:
+            raise ValueError(f"{file_path} holds the base weight {key!r} (save_embedding_layers), but adapters "
+                             f"{merged} are merged into that weight; call minilora.unmerge(model) first")
     return LoadPlan(config, values, dry, base_keys)
+
+
+def _repeated_keys(modules: Mapping[str, nn.Module], slots: Mapping[str, str], tensors: Iterable[str]
+                   ) -> dict[str, str]:
+    """File keys peft's save_embedding_layers adds for tensors the adapter holds already -> the
+    model key they fill: a modules_to_save copy again as ``<name>.modules_to_save.weight``, and a
+    tied head's token rows beside its embedding's (the head follows them)."""
+    suffix = ".modules_to_save.weight"
+    repeated = {k: slots[f"{k[: -len(suffix)]}.weight"] for k in tensors
+                if k.endswith(suffix) and f"{k[: -len(suffix)]}.weight" in slots}
+    names = {id(m): n for n, m in modules.items()}
+    for name, module in modules.items():
+        if isinstance(module, TrainableTokens) and module.follows is not None:
+            owner = f"{PEFT_PREFIX}{names[id(module.follows)]}.{TOKEN_KEY}"
+            if owner in slots:
+                repeated[f"{PEFT_PREFIX}{name}.{TOKEN_KEY}"] = slots[owner]
+    return repeated
 
 
 def _check_repeats(file_path: str, targets: Mapping[str, str], values: Mapping[str, torch.Tensor],
@@ -531,12 +539,13 @@ def _check_repeats(file_path: str, targets: Mapping[str, str], values: Mapping[s
 
 
 def _check_vocabulary(file_path: str, tensors: Mapping[str, _FileTensor], targets: Mapping[str, str],
-                      expected: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+                      expected: Mapping[str, torch.Tensor], model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
     """A tensor of the token embedding or output head that is off along the vocabulary only: the
-    adapter was trained after tokens were added (say so, with the fix, rather than a bare shape)."""
+    adapter was trained after tokens were added (say so, with the fix, rather than a bare shape).
+    ``modules``: the model's, by name."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    names = dict(model.named_modules())
-    ends = {n for n, m in names.items() if any(m is end for end in vocabulary_ends(model) if end is not None)}
+    found = [end for end in vocabulary_ends(model) if end is not None]
+    ends = {n for n, m in modules.items() if any(m is end for end in found)}
     for key in sorted(k for k in tensors if k in targets):
         target = targets[key]
         if not isinstance(vocab, int) or not any(target.startswith(end + ".") for end in ends):

@@ -124,7 +124,7 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
     _check_hosts(where, adapter_name, current, fresh)
     # Adapters trained on one resized vocabulary each carry the same base rows (save_embedding_layers):
     # those the model holds already are no change; others would be (a swap replaces adapter weights only).
-    tensors = inner.state_dict(keep_vars=True)
+    tensors = inner.state_dict(keep_vars=True) if plan.base_keys else {}  # (a swap's hot path: only when needed)
     # (the model may hold it under a modules_to_save wrapper the file's model did not have)
     held = {k: tensors.get(k, tensors.get(f"{k.rpartition('.')[0]}.original_module.weight")) for k in plan.base_keys}
     changed = [k for k, t in held.items()
